@@ -1,0 +1,56 @@
+"""luna-hf: Luna (Linear Unified Nested Attention, Ma et al. 2021) for Hugging Face transformers.
+
+Importing the package registers Luna with the Auto classes, and marks every class for remote code so that saved
+folders carry `configuration_luna.py`, `modeling_luna.py` and a complete `auto_map`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from .configuration_luna import LunaConfig
+from .modeling_luna import (
+    LunaForMaskedLM,
+    LunaForMultipleChoice,
+    LunaForQuestionAnswering,
+    LunaForSequenceClassification,
+    LunaForTokenClassification,
+    LunaModel,
+    LunaModelOutput,
+    LunaPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AUTO_CLASSES = {
+    AutoModel: LunaModel,
+    AutoModelForMaskedLM: LunaForMaskedLM,
+    AutoModelForSequenceClassification: LunaForSequenceClassification,
+    AutoModelForTokenClassification: LunaForTokenClassification,
+    AutoModelForMultipleChoice: LunaForMultipleChoice,
+    AutoModelForQuestionAnswering: LunaForQuestionAnswering,
+}
+
+AutoConfig.register(LunaConfig.model_type, LunaConfig, exist_ok=True)
+LunaConfig.register_for_auto_class()
+for _auto_class, _model_class in AUTO_CLASSES.items():
+    _auto_class.register(LunaConfig, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_class.__name__)
+
+__all__ = [
+    "LunaConfig",
+    "LunaForMaskedLM",
+    "LunaForMultipleChoice",
+    "LunaForQuestionAnswering",
+    "LunaForSequenceClassification",
+    "LunaForTokenClassification",
+    "LunaModel",
+    "LunaModelOutput",
+    "LunaPreTrainedModel",
+]

@@ -1,0 +1,115 @@
+# Copyright 2026 The luna-hf authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Luna configuration. This file is copied verbatim next to saved checkpoints for `trust_remote_code`."""
+
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+CLASSIFIER_POOLINGS = ("cls", "packed_mean")
+
+
+class LunaConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Luna encoder (Ma et al., 2021, "Luna: Linear Unified Nested Attention"). The defaults build
+    the authors' `luna_base_tied_512` model: RoBERTa-base with every self-attention replaced by Luna's nested
+    pack/unpack attention over a learned sequence P of `projected_length` slots.
+
+    Fields beyond RoBERTa's:
+        projected_length (`int`, defaults to 128): l, the length of the extra sequence P (paper: 16, 128 or 256).
+        tie_key_value (`bool`, defaults to `True`): one projection serves as both key and value, separately in the
+            pack and in the unpack attention (the authors' "tied" models; their `--untie-luna-kv` is `False` here).
+        dynamic_projection (`bool`, defaults to `True`): cut P to min(l, longest real length in the batch) and mask
+            slot j of a row whose real length is <= j (the authors' default; `False` is their
+            `--fix-projection-length`: every row uses all l slots).
+        activation_dropout (`float`, defaults to 0.0): dropout after the feed-forward activation.
+        classifier_pooling (`str`, defaults to `"cls"`): sentence representation used by `pooler_output` and the
+            sequence-level heads: `"cls"` (the first token) or `"packed_mean"` (mean of the final packed sequence P
+            over the row's valid slots, the paper's Table 3 "P" pooling).
+        classifier_dropout (`float`, *optional*): dropout of the classification heads; `None` uses
+            `hidden_dropout_prob`.
+
+    Example:
+
+    ```python
+    >>> from luna_hf import LunaConfig, LunaModel
+    >>> model = LunaModel(LunaConfig(projected_length=16))
+    ```"""
+
+    model_type = "luna"
+
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.1
+    attention_probs_dropout_prob: float | int = 0.1
+    activation_dropout: float | int = 0.0
+    max_position_embeddings: int = 514
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 2
+    projected_length: int = 128
+    tie_key_value: bool = True
+    dynamic_projection: bool = True
+    classifier_pooling: str = "cls"
+    classifier_dropout: float | int | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_luna_fields()
+
+    def validate_luna_fields(self):
+        """Raise a `ValueError` naming the first invalid field and the values it accepts."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "projected_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"LunaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"LunaConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}); choose num_attention_heads among the divisors of hidden_size."
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"LunaConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        if self.classifier_pooling not in CLASSIFIER_POOLINGS:
+            raise ValueError(
+                f"LunaConfig.classifier_pooling must be one of {CLASSIFIER_POOLINGS}, got {self.classifier_pooling!r}."
+            )
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"LunaConfig.hidden_act must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}.")
+        if self.pad_token_id is None or not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"LunaConfig.pad_token_id must be a token id in [0, vocab_size={self.vocab_size}), got "
+                f"{self.pad_token_id!r}: positions are numbered after it, as in RoBERTa."
+            )
+        if self.max_position_embeddings <= self.pad_token_id + 1:
+            raise ValueError(
+                f"LunaConfig.max_position_embeddings ({self.max_position_embeddings}) must exceed pad_token_id + 1 "
+                f"({self.pad_token_id + 1}): positions start after the padding index, so a model for n tokens needs "
+                f"n + pad_token_id + 1 positions (514 for 512 tokens)."
+            )
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest input this model accepts: RoBERTa-style positions start after the padding index."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+
+__all__ = ["LunaConfig"]

@@ -1,0 +1,582 @@
+# Copyright 2026 The luna-hf authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PyTorch Luna model (Ma et al., 2021, "Luna: Linear Unified Nested Attention").
+
+Each layer packs the token states X into a short sequence P with one attention (P attends to X, cost n*l), unpacks
+it with a second (X attends to the packed P, cost n*l), and hands the packed P to the next layer. The computation
+follows the authors' fairseq code (`luna_bert`); see docs/architecture.md for every decision.
+
+This file is copied verbatim next to saved checkpoints for `trust_remote_code`: it imports only torch, transformers
+and its sibling `configuration_luna.py`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import wraps
+
+import torch
+from torch import nn
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN, gelu
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    MaskedLMOutput,
+    ModelOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_luna import LunaConfig
+
+
+# Saved folders name every Auto class, not only the saved head's, so that `AutoModel`, every head and every pipeline
+# load any Luna folder with `trust_remote_code=True` (transformers itself writes only the saved class's entry).
+LUNA_AUTO_MAP = {
+    "AutoConfig": "configuration_luna.LunaConfig",
+    "AutoModel": "modeling_luna.LunaModel",
+    "AutoModelForMaskedLM": "modeling_luna.LunaForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_luna.LunaForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_luna.LunaForTokenClassification",
+    "AutoModelForMultipleChoice": "modeling_luna.LunaForMultipleChoice",
+    "AutoModelForQuestionAnswering": "modeling_luna.LunaForQuestionAnswering",
+}
+
+
+@dataclass
+class LunaModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Token states X of the last layer.
+    packed_hidden_state (`torch.FloatTensor` of shape `(batch_size, packed_length, hidden_size)`):
+        Packed sequence P of the last layer (`packed_length` = `projected_length`, or less with dynamic projection).
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        Sentence representation chosen by `config.classifier_pooling` (no parameters: the first token's state, or
+        the mean of the final P over each row's valid slots).
+    packed_hidden_states (`tuple(torch.FloatTensor)`, returned with `output_packed_hidden_states=True`):
+        P after the embeddings and after each layer, `num_hidden_layers + 1` tensors.
+    pack_attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
+        Pack attention maps (P over X), `(batch_size, num_heads, packed_length, sequence_length)` per layer.
+    hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
+        X after the embeddings and after each layer.
+    attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
+        Unpack attention maps (X over P), `(batch_size, num_heads, sequence_length, packed_length)` per layer.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    packed_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    packed_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pack_attentions: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class LunaEmbeddings(nn.Module):
+    """Token states X as in RoBERTa (tokens + learned positions, LayerNorm, dropout) and the first layer's P."""
+
+    def __init__(self, config: LunaConfig):
+        super().__init__()
+        self.padding_idx = config.pad_token_id
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=self.padding_idx)
+        self.position_embeddings = nn.Embedding(
+            config.max_position_embeddings, config.hidden_size, padding_idx=self.padding_idx
+        )
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # P is itself a learned positional embedding (paper §3.1): no position term, its own LayerNorm.
+        self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
+        self.projected_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, inputs_embeds, token_mask, slot_mask):
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        batch_size, seq_length = inputs_embeds.shape[:2]
+        if input_ids is not None:
+            # fairseq `make_positions`: count real tokens, pads keep the (zero) padding row.
+            is_token = input_ids.ne(self.padding_idx).int()
+            position_ids = torch.cumsum(is_token, dim=1) * is_token + self.padding_idx
+        else:
+            position_ids = torch.arange(self.padding_idx + 1, seq_length + self.padding_idx + 1, device=token_mask.device)
+        hidden_states = self.layer_norm(inputs_embeds + self.position_embeddings(position_ids))
+        hidden_states = self.dropout(hidden_states) * token_mask.unsqueeze(-1).to(hidden_states.dtype)
+
+        packed_length = slot_mask.shape[1]
+        packed_states = self.projected_layer_norm(self.projected_embeddings[:packed_length])
+        packed_states = packed_states.unsqueeze(0).expand(batch_size, -1, -1)
+        # Dropout per row, then zero the masked slots, as the authors do.
+        packed_states = self.dropout(packed_states) * slot_mask.unsqueeze(-1).to(packed_states.dtype)
+        return hidden_states, packed_states
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class LunaAttention(nn.Module):
+    """Multi-head attention of `queries` over `context`; Luna uses it twice per layer (pack, then unpack).
+
+    With `config.tie_key_value` one projection gives both keys and values (the authors' "tied" Luna). Only the
+    unpack attention has an output projection: the packed context is returned raw, as in the authors' code.
+    """
+
+    def __init__(self, config: LunaConfig, output_projection: bool):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # Without it SDPA turns causal whenever the mask is None.
+        self.tie_key_value = config.tie_key_value
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        if self.tie_key_value:
+            self.kv_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        else:
+            self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+            self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size) if output_projection else nn.Identity()
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.view(*states.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        context: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query = self.split_heads(self.q_proj(queries))
+        if self.tie_key_value:
+            key = value = self.split_heads(self.kv_proj(context))
+        else:
+            key, value = self.split_heads(self.k_proj(context)), self.split_heads(self.v_proj(context))
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout_p if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*queries.shape[:2], -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class LunaLayer(GradientCheckpointingLayer):
+    """One Luna layer (paper Eq. 6, post-LayerNorm): pack, unpack, residuals on X and on P, feed-forward on X only."""
+
+    def __init__(self, config: LunaConfig):
+        super().__init__()
+        self.pack_attention = LunaAttention(config, output_projection=False)
+        self.unpack_attention = LunaAttention(config, output_projection=True)
+        self.attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        packed_states: torch.Tensor,
+        pack_mask: torch.Tensor | None,
+        unpack_mask: torch.Tensor | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Pack: Y_P = Attn(P, X). Unpack: Y_X = Attn(X, Y_P), with keys/values from the raw Y_P.
+        packed_context, _ = self.pack_attention(packed_states, hidden_states, pack_mask, **kwargs)
+        unpacked, _ = self.unpack_attention(hidden_states, packed_context, unpack_mask, **kwargs)
+
+        packed_states = self.packed_layer_norm(packed_states + self.dropout(packed_context))
+        hidden_states = self.attention_layer_norm(hidden_states + self.dropout(unpacked))
+        feed_forward = self.fc2(self.activation_dropout(self.activation(self.fc1(hidden_states))))
+        hidden_states = self.ffn_layer_norm(hidden_states + self.dropout(feed_forward))
+        return hidden_states, packed_states
+
+
+class LunaPreTrainedModel(PreTrainedModel):
+    config: LunaConfig
+    config_class = LunaConfig
+    base_model_prefix = "luna"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LunaEmbeddings", "LunaLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    # Recorded outputs are inserted in this order; transformers expects `hidden_states`, `attentions` last.
+    _can_record_outputs = {
+        "packed_hidden_states": [OutputRecorder(LunaEmbeddings, index=1), OutputRecorder(LunaLayer, index=1)],
+        "pack_attentions": OutputRecorder(LunaAttention, index=1, layer_name="pack_attention"),
+        "hidden_states": LunaLayer,
+        "attentions": OutputRecorder(LunaAttention, index=1, layer_name="unpack_attention"),
+    }
+
+    def save_pretrained(self, *args, **kwargs):
+        self.config.auto_map = dict(LUNA_AUTO_MAP)
+        return super().save_pretrained(*args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LunaEmbeddings):
+            init.normal_(module.projected_embeddings, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, LunaLMHead):
+            init.zeros_(module.bias)
+
+
+def pack_attentions_follow_output_attentions(forward):
+    """`output_attentions=True` returns the pack maps too (recorded under their own key, `pack_attentions`)."""
+
+    @wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        kwargs.setdefault("output_pack_attentions", kwargs.get("output_attentions", self.config.output_attentions))
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+class LunaModel(LunaPreTrainedModel):
+    def __init__(self, config: LunaConfig):
+        super().__init__(config)
+        self.config = config
+        self.gradient_checkpointing = False
+        self.embeddings = LunaEmbeddings(config)
+        self.layers = nn.ModuleList([LunaLayer(config) for _ in range(config.num_hidden_layers)])
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    @pack_attentions_follow_output_attentions
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> LunaModelOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
+        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for real tokens,
+            0 for padding. Padding is excluded from the pack attention and shortens the row's share of P.
+        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            token embeddings instead of `input_ids` (positions are then numbered sequentially).
+        """
+        token_mask = self.validate_inputs(input_ids, attention_mask, inputs_embeds)
+        slot_mask = self.projected_slot_mask(token_mask)
+        hidden_states, packed_states = self.embeddings(input_ids, inputs_embeds, token_mask, slot_mask)
+
+        # Pack: P (queries) over X (keys), X's padding masked. Unpack: X over P, P's unused slots masked.
+        pack_mask = create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=packed_states,
+            attention_mask=token_mask,
+            encoder_hidden_states=hidden_states,
+        )
+        unpack_mask = create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=slot_mask,
+            encoder_hidden_states=packed_states,
+        )
+        for layer in self.layers:
+            hidden_states, packed_states = layer(hidden_states, packed_states, pack_mask, unpack_mask, **kwargs)
+
+        return LunaModelOutput(
+            last_hidden_state=hidden_states,
+            packed_hidden_state=packed_states,
+            pooler_output=self.pool(hidden_states, packed_states, slot_mask),
+        )
+
+    def validate_inputs(self, input_ids, attention_mask, inputs_embeds) -> torch.Tensor:
+        """Check the inputs and return the token mask (1 = real token)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+            raise ValueError(
+                f"Luna expects a non-empty batch of shape (batch_size, sequence_length), got {tuple(shape)}."
+            )
+        if shape[1] > self.config.max_sequence_length:
+            raise ValueError(
+                f"Input length {shape[1]} exceeds this model's maximum of {self.config.max_sequence_length} tokens "
+                f"(max_position_embeddings={self.config.max_position_embeddings}). Truncate the input, e.g. "
+                f"tokenizer(..., truncation=True, max_length={self.config.max_sequence_length})."
+            )
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        if attention_mask is None:
+            return torch.ones(shape, dtype=torch.long, device=device)
+        if attention_mask.shape != shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(shape)}.")
+        return attention_mask.long()
+
+    def projected_slot_mask(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """Which slots of P each row uses: all l, or, with dynamic projection, the first min(l, row length)."""
+        batch_size = token_mask.shape[0]
+        if not self.config.dynamic_projection:
+            return token_mask.new_ones(batch_size, self.config.projected_length)
+        lengths = token_mask.sum(dim=1)
+        # At least one slot, so that a batch of fully padded rows still has a (masked) P.
+        packed_length = max(1, min(self.config.projected_length, int(lengths.max())))
+        slots = torch.arange(packed_length, device=token_mask.device)
+        return (slots.unsqueeze(0) < lengths.unsqueeze(1)).long()
+
+    def pool(self, hidden_states, packed_states, slot_mask) -> torch.Tensor:
+        if self.config.classifier_pooling == "cls":
+            return hidden_states[:, 0]
+        weights = slot_mask.unsqueeze(-1).to(packed_states.dtype)
+        return (packed_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+class LunaLMHead(nn.Module):
+    """RoBERTa's masked-LM head: dense, GELU, LayerNorm, then the (tied) decoder with its own bias."""
+
+    def __init__(self, config: LunaConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(gelu(self.dense(features))))
+
+
+class LunaClassificationHead(nn.Module):
+    """RoBERTa's sentence head (dropout, dense, tanh, dropout, projection) on the pooled representation."""
+
+    def __init__(self, config: LunaConfig, num_outputs: int):
+        super().__init__()
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, num_outputs)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
+
+
+class LunaForMaskedLM(LunaPreTrainedModel):
+    _tied_weights_keys = {
+        "lm_head.decoder.weight": "luna.embeddings.word_embeddings.weight",
+        "lm_head.decoder.bias": "lm_head.bias",
+    }
+
+    def __init__(self, config: LunaConfig):
+        super().__init__(config)
+        self.luna = LunaModel(config)
+        self.lm_head = LunaLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.decoder = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedLMOutput:
+        r"""labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): token ids to predict,
+        -100 where no prediction is scored."""
+        outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class LunaForSequenceClassification(LunaPreTrainedModel):
+    def __init__(self, config: LunaConfig):
+        super().__init__(config)
+        self.luna = LunaModel(config)
+        self.classifier = LunaClassificationHead(config, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
+        r"""labels (`torch.Tensor` of shape `(batch_size,)`, *optional*): class ids, float targets for regression
+        (`num_labels == 1`), or multi-hot floats for multi-label classification (`config.problem_type`)."""
+        outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class LunaForMultipleChoice(LunaPreTrainedModel):
+    def __init__(self, config: LunaConfig):
+        super().__init__(config)
+        self.luna = LunaModel(config)
+        # One score per choice from the sentence head, as fairseq's sentence-ranking task does for RACE/CSQA.
+        self.classifier = LunaClassificationHead(config, 1)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MultipleChoiceModelOutput:
+        r"""input_ids (`torch.LongTensor` of shape `(batch_size, num_choices, sequence_length)`): one row per choice.
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): index of the right choice."""
+        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        outputs = self.luna(
+            input_ids.flatten(0, 1) if input_ids is not None else None,
+            attention_mask.flatten(0, 1) if attention_mask is not None else None,
+            inputs_embeds.flatten(0, 1) if inputs_embeds is not None else None,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.classifier(outputs.pooler_output).view(-1, num_choices)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits, labels.to(logits.device))
+        return MultipleChoiceModelOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class LunaForTokenClassification(LunaPreTrainedModel):
+    def __init__(self, config: LunaConfig):
+        super().__init__(config)
+        self.luna = LunaModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> TokenClassifierOutput:
+        r"""labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): class id per token,
+        -100 where no prediction is scored."""
+        outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config, **kwargs)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class LunaForQuestionAnswering(LunaPreTrainedModel):
+    def __init__(self, config: LunaConfig):
+        super().__init__(config)
+        self.luna = LunaModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> QuestionAnsweringModelOutput:
+        r"""start_positions, end_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*): answer span."""
+        outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(dim=-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        return QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits.contiguous(),
+            end_logits=end_logits.contiguous(),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "LunaForMaskedLM",
+    "LunaForMultipleChoice",
+    "LunaForQuestionAnswering",
+    "LunaForSequenceClassification",
+    "LunaForTokenClassification",
+    "LunaModel",
+    "LunaModelOutput",
+    "LunaPreTrainedModel",
+]
