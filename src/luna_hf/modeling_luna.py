@@ -27,7 +27,6 @@ from functools import wraps
 
 import torch
 from torch import nn
-
 from transformers import initialization as init
 from transformers.activations import ACT2FN, gelu
 from transformers.masking_utils import create_bidirectional_mask
@@ -47,7 +46,6 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_luna import LunaConfig
-
 
 # Saved folders name every Auto class, not only the saved head's, so that `AutoModel`, every head and every pipeline
 # load any Luna folder with `trust_remote_code=True` (transformers itself writes only the saved class's entry).
@@ -116,7 +114,8 @@ class LunaEmbeddings(nn.Module):
             is_token = input_ids.ne(self.padding_idx).int()
             position_ids = torch.cumsum(is_token, dim=1) * is_token + self.padding_idx
         else:
-            position_ids = torch.arange(self.padding_idx + 1, seq_length + self.padding_idx + 1, device=token_mask.device)
+            first = self.padding_idx + 1
+            position_ids = torch.arange(first, first + seq_length, device=inputs_embeds.device)
         hidden_states = self.layer_norm(inputs_embeds + self.position_embeddings(position_ids))
         hidden_states = self.dropout(hidden_states) * token_mask.unsqueeze(-1).to(hidden_states.dtype)
 
