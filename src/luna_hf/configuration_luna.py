@@ -76,8 +76,14 @@ class LunaConfig(PreTrainedConfig):
 
     def validate_luna_fields(self):
         """Raise a `ValueError` naming the first invalid field and the values it accepts."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "projected_length"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "projected_length",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"LunaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.hidden_size % self.num_attention_heads != 0:

@@ -1,0 +1,432 @@
+"""Luna model behaviour: equality with an independent reference of the paper's equations, padding, dtypes,
+attention backends, checkpointing, saving, remote code, heads and bad input."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from luna_hf import (
+    LunaConfig,
+    LunaForMaskedLM,
+    LunaForMultipleChoice,
+    LunaForQuestionAnswering,
+    LunaForSequenceClassification,
+    LunaForTokenClassification,
+    LunaModel,
+)
+
+VOCAB = 50
+PAD = 1
+
+
+def tiny_config(**overrides) -> LunaConfig:
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=66,
+        projected_length=6,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    values.update(overrides)
+    return LunaConfig(**values)
+
+
+def padded_batch(lengths, seq_len=None, seed=0):
+    """Right-padded token ids (no pad id among real tokens) and their attention mask."""
+    seq_len = seq_len or max(lengths)
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (len(lengths), seq_len), generator=generator)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        attention_mask[row, :length] = 1
+        input_ids[row, length:] = PAD
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Independent reference: paper Eqs. 1, 3-6 with the authors' choices (tied = one K/V projection, raw packed output
+# without projection, post-LN, P cut to min(l, longest row) and sliced per row), one row and one head at a time,
+# padding removed instead of masked. It reads only the state dict.
+# ---------------------------------------------------------------------------------------------------------------
+def reference_forward(state, config, input_ids, lengths):
+    C, H = config.hidden_size, config.num_attention_heads
+    d = C // H
+    eps = config.layer_norm_eps
+
+    def linear(x, name):
+        return x @ state[f"{name}.weight"].T + state[f"{name}.bias"]
+
+    def layer_norm(x, name):
+        return F.layer_norm(x, (C,), state[f"{name}.weight"], state[f"{name}.bias"], eps)
+
+    def attention(queries, context, prefix, has_output):
+        keys = linear(context, f"{prefix}.kv_proj" if config.tie_key_value else f"{prefix}.k_proj")
+        values = keys if config.tie_key_value else linear(context, f"{prefix}.v_proj")
+        q = linear(queries, f"{prefix}.q_proj")
+        heads = []
+        for h in range(H):
+            cols = slice(h * d, (h + 1) * d)
+            scores = q[:, cols] @ keys[:, cols].T / math.sqrt(d)
+            heads.append(torch.softmax(scores, dim=-1) @ values[:, cols])
+        out = torch.cat(heads, dim=-1)
+        return linear(out, f"{prefix}.o_proj") if has_output else out
+
+    longest = max(lengths)
+    batch_slots = min(config.projected_length, longest) if config.dynamic_projection else config.projected_length
+    results = []
+    for row, n in enumerate(lengths):
+        tokens = input_ids[row, :n]
+        positions = torch.arange(n) + PAD + 1
+        x = (
+            state["luna.embeddings.word_embeddings.weight"][tokens]
+            + state["luna.embeddings.position_embeddings.weight"][positions]
+        )
+        x = layer_norm(x, "luna.embeddings.layer_norm")
+        slots = min(batch_slots, n) if config.dynamic_projection else batch_slots
+        p = layer_norm(
+            state["luna.embeddings.projected_embeddings"][:batch_slots], "luna.embeddings.projected_layer_norm"
+        )
+        for i in range(config.num_hidden_layers):
+            prefix = f"luna.layers.{i}"
+            y_p = attention(p, x, f"{prefix}.pack_attention", has_output=False)  # Eq. 3: P attends to X
+            y_x = attention(x, y_p[:slots], f"{prefix}.unpack_attention", has_output=True)  # Eq. 4: X attends to Y_P
+            p = layer_norm(p + y_p, f"{prefix}.packed_layer_norm")  # Eq. 6
+            x = layer_norm(x + y_x, f"{prefix}.attention_layer_norm")
+            ffn = linear(F.gelu(linear(x, f"{prefix}.fc1")), f"{prefix}.fc2")
+            x = layer_norm(x + ffn, f"{prefix}.ffn_layer_norm")
+        logits = layer_norm(F.gelu(linear(x, "lm_head.dense")), "lm_head.layer_norm")
+        logits = logits @ state["luna.embeddings.word_embeddings.weight"].T + state["lm_head.bias"]
+        results.append((x, p[:slots], logits))
+    return results
+
+
+@pytest.mark.parametrize("tie_key_value", [True, False])
+@pytest.mark.parametrize("projected_length", [1, 4, 16])
+@pytest.mark.parametrize("dynamic_projection", [True, False])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_matches_independent_reference(tie_key_value, projected_length, dynamic_projection, attn_implementation):
+    torch.manual_seed(0)
+    config = tiny_config(
+        tie_key_value=tie_key_value, projected_length=projected_length, dynamic_projection=dynamic_projection
+    )
+    config._attn_implementation = attn_implementation
+    model = LunaForMaskedLM(config).eval()
+    # Non-trivial LayerNorm and bias values, so a swapped or missing term shows.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "layer_norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    lengths = [9, 3, 6, 1]
+    input_ids, attention_mask = padded_batch(lengths)
+    with torch.no_grad():
+        outputs = model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        base = model.luna(input_ids, attention_mask=attention_mask)
+    expected = reference_forward(model.state_dict(), config, input_ids, lengths)
+    for row, (x, p, logits) in enumerate(expected):
+        n = lengths[row]
+        torch.testing.assert_close(base.last_hidden_state[row, :n], x, atol=1e-5, rtol=0)
+        torch.testing.assert_close(base.packed_hidden_state[row, : p.shape[0]], p, atol=1e-5, rtol=0)
+        torch.testing.assert_close(outputs.logits[row, :n], logits, atol=1e-5, rtol=0)
+
+
+def test_parameter_count_matches_the_authors_models():
+    # The authors' luna.base.tied / luna.base.untied (RoBERTa vocabulary): 131.90M / 146.08M parameters.
+    counts = {}
+    for tie in (True, False):
+        with torch.device("meta"):
+            model = LunaForMaskedLM(LunaConfig(tie_key_value=tie))
+        counts[tie] = sum(p.numel() for p in model.parameters())
+    assert round(counts[True] / 1e6, 2) == 131.90
+    assert round(counts[False] / 1e6, 2) == 146.08
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("classifier_pooling", ["cls", "packed_mean"])
+def test_padding_invariance(attn_implementation, classifier_pooling):
+    torch.manual_seed(0)
+    config = tiny_config(classifier_pooling=classifier_pooling, num_labels=3)
+    config._attn_implementation = attn_implementation
+    model = LunaForSequenceClassification(config).eval()
+    lengths = [12, 4, 9]
+    input_ids, attention_mask = padded_batch(lengths, seq_len=16)
+    with torch.no_grad():
+        batched = model.luna(input_ids, attention_mask=attention_mask)
+        logits = model(input_ids, attention_mask=attention_mask).logits
+        for row, n in enumerate(lengths):
+            alone = model.luna(input_ids[row : row + 1, :n])
+            torch.testing.assert_close(
+                batched.last_hidden_state[row, :n], alone.last_hidden_state[0], atol=1e-5, rtol=0
+            )
+            slots = alone.packed_hidden_state.shape[1]
+            torch.testing.assert_close(
+                batched.packed_hidden_state[row, :slots], alone.packed_hidden_state[0], atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(batched.pooler_output[row], alone.pooler_output[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(logits[row], model(input_ids[row : row + 1, :n]).logits[0], atol=1e-5, rtol=0)
+
+
+def test_dynamic_projection_cuts_and_masks_p():
+    model = LunaModel(tiny_config(projected_length=8, attn_implementation="eager")).eval()
+    input_ids, attention_mask = padded_batch([5, 3])
+    with torch.no_grad():
+        outputs = model(input_ids, attention_mask=attention_mask, output_attentions=True)
+    assert outputs.packed_hidden_state.shape[1] == 5  # min(l=8, longest row=5)
+    unpack = outputs.attentions[0]  # (batch, heads, tokens, slots)
+    assert unpack.shape == (2, 4, 5, 5)
+    assert torch.all(unpack[1, :, :3, 3:] == 0)  # row of 3 tokens uses 3 slots
+    assert torch.allclose(unpack.sum(-1), torch.ones(()))
+    pack = outputs.pack_attentions[0]  # (batch, heads, slots, tokens)
+    assert pack.shape == (2, 4, 5, 5)
+    assert torch.all(pack[1, :, :, 3:] == 0)  # padding is never packed
+    fixed = LunaModel(tiny_config(projected_length=8, dynamic_projection=False)).eval()
+    assert fixed(input_ids, attention_mask=attention_mask).packed_hidden_state.shape[1] == 8
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_no_nan_at_the_edges(attn_implementation):
+    torch.manual_seed(0)
+    config = tiny_config()
+    config._attn_implementation = attn_implementation
+    model = LunaForMaskedLM(config).eval()
+    input_ids, attention_mask = padded_batch([5, 2])
+    attention_mask[1] = 0  # a fully padded row
+    cases = {
+        "length 1": (input_ids[:, :1], None),
+        "maximum length": (torch.randint(3, VOCAB, (2, config.max_sequence_length)), None),
+        "fully padded row": (input_ids, attention_mask),
+    }
+    with torch.no_grad():
+        for name, (ids, mask) in cases.items():
+            assert torch.isfinite(model(ids, attention_mask=mask).logits).all(), name
+        bf16 = model.to(torch.bfloat16)
+        assert torch.isfinite(bf16(input_ids, attention_mask=attention_mask).logits.float()).all(), "bf16"
+
+
+def test_eager_matches_sdpa_with_dropout_off():
+    torch.manual_seed(0)
+    eager = LunaForMaskedLM(tiny_config(attn_implementation="eager")).eval()
+    sdpa = LunaForMaskedLM(tiny_config(attn_implementation="sdpa")).eval()
+    sdpa.load_state_dict(eager.state_dict())
+    input_ids, attention_mask = padded_batch([7, 2, 5])
+    with torch.no_grad():
+        expected = eager(input_ids, attention_mask=attention_mask).logits
+        actual = sdpa(input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(actual[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = LunaForMaskedLM(tiny_config())
+    input_ids, attention_mask = padded_batch([8, 5])
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+
+    def gradients():
+        model.zero_grad()
+        model(input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    plain = gradients()
+    model.activation_checkpointing_enable()
+    assert model.luna.layers[0].gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 20
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_save_load_round_trip_is_exact_and_folder_carries_remote_code(tmp_path):
+    torch.manual_seed(0)
+    model = LunaForMaskedLM(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "configuration_luna.py", "modeling_luna.py"} <= files
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    for auto_class in (
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForMaskedLM",
+        "AutoModelForSequenceClassification",
+        "AutoModelForTokenClassification",
+        "AutoModelForMultipleChoice",
+        "AutoModelForQuestionAnswering",
+    ):
+        assert auto_class in auto_map, auto_class
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is LunaForMaskedLM
+    assert reloaded.lm_head.decoder.weight is reloaded.luna.embeddings.word_embeddings.weight
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is LunaModel
+    assert type(AutoConfig.from_pretrained(tmp_path)) is LunaConfig
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class RefuseLunaHf(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "luna_hf" or name.startswith("luna_hf."):
+                raise ImportError("luna_hf is deliberately unavailable in this process")
+
+    sys.meta_path.insert(0, RefuseLunaHf())
+    try:
+        import luna_hf  # noqa: F401
+        raise SystemExit("luna_hf should not be importable here")
+    except ImportError:
+        pass
+
+    import torch
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    folder, ids_path = sys.argv[1], sys.argv[2]
+    input_ids = torch.tensor(json.load(open(ids_path)))
+    mlm = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    classifier = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    assert type(mlm).__module__.startswith("transformers_modules"), type(mlm).__module__
+    with torch.no_grad():
+        print(json.dumps({
+            "logits": mlm(input_ids).logits.tolist(),
+            "hidden": base(input_ids).last_hidden_state.tolist(),
+            "classifier": type(classifier).__name__,
+        }))
+    """
+)
+
+
+def test_remote_code_loads_where_luna_hf_is_not_installed(tmp_path):
+    torch.manual_seed(0)
+    model = LunaForMaskedLM(tiny_config()).eval()
+    folder = tmp_path / "luna-mlm"
+    model.save_pretrained(folder)
+    input_ids, _ = padded_batch([6, 6])
+    (tmp_path / "ids.json").write_text(json.dumps(input_ids.tolist()))
+    (tmp_path / "check.py").write_text(REMOTE_CODE_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "check.py"), str(folder), str(tmp_path / "ids.json")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(remote["logits"]), model(input_ids).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(remote["hidden"]), model.luna(input_ids).last_hidden_state, atol=1e-6, rtol=0
+        )
+    assert remote["classifier"] == "LunaForSequenceClassification"
+
+
+def head_batches():
+    input_ids, attention_mask = padded_batch([10, 7, 10, 4], seed=1)
+    generator = torch.Generator().manual_seed(2)
+    return (
+        {
+            LunaForMaskedLM: dict(labels=input_ids.masked_fill(attention_mask == 0, -100)),
+            LunaForSequenceClassification: dict(labels=torch.tensor([0, 1, 2, 1])),
+            LunaForTokenClassification: dict(labels=torch.randint(0, 3, input_ids.shape, generator=generator)),
+            LunaForQuestionAnswering: dict(
+                start_positions=torch.tensor([1, 2, 3, 0]), end_positions=torch.tensor([4, 5, 6, 2])
+            ),
+            # 2 questions x 2 choices
+            LunaForMultipleChoice: dict(
+                labels=torch.tensor([0, 1]),
+                input_ids=input_ids.view(2, 2, -1),
+                attention_mask=attention_mask.view(2, 2, -1),
+            ),
+        },
+        input_ids,
+        attention_mask,
+    )
+
+
+@pytest.mark.parametrize(
+    "head, problem_type",
+    [
+        (LunaForMaskedLM, None),
+        (LunaForSequenceClassification, "single_label_classification"),
+        (LunaForSequenceClassification, "multi_label_classification"),
+        (LunaForSequenceClassification, "regression"),
+        (LunaForTokenClassification, None),
+        (LunaForQuestionAnswering, None),
+        (LunaForMultipleChoice, None),
+    ],
+)
+def test_every_head_learns_a_tiny_batch(head, problem_type):
+    torch.manual_seed(0)
+    labels_by_head, input_ids, attention_mask = head_batches()
+    inputs = dict(dict(input_ids=input_ids, attention_mask=attention_mask), **labels_by_head[head])
+    num_labels = 1 if problem_type == "regression" else 3
+    if problem_type == "multi_label_classification":
+        inputs["labels"] = F.one_hot(inputs["labels"], 3).float()
+    elif problem_type == "regression":
+        inputs["labels"] = inputs["labels"].float()
+    model = head(tiny_config(num_labels=num_labels, problem_type=problem_type)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(**inputs).loss
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(projected_length=0), "projected_length"),
+        (dict(hidden_size=30, num_attention_heads=4), "hidden_size"),
+        (dict(classifier_pooling="max"), "classifier_pooling"),
+        (dict(hidden_act="swishy"), "hidden_act"),
+        (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
+        (dict(max_position_embeddings=2), "max_position_embeddings"),
+        (dict(num_hidden_layers=-1), "num_hidden_layers"),
+    ],
+)
+def test_bad_config_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = LunaModel(tiny_config()).eval()
+    too_long = torch.randint(3, VOCAB, (1, model.config.max_sequence_length + 1))
+    with pytest.raises(ValueError, match="exceeds this model's maximum of 64 tokens"):
+        model(too_long)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        model(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(torch.rand(2, 5))
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model()
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(torch.randint(3, VOCAB, (2, 5)), attention_mask=torch.ones(2, 4))
+
+
+def test_resize_token_embeddings_keeps_the_tie():
+    model = LunaForMaskedLM(tiny_config())
+    model.resize_token_embeddings(VOCAB + 7)
+    assert model.config.vocab_size == VOCAB + 7
+    assert model.lm_head.decoder.weight is model.luna.embeddings.word_embeddings.weight
+    assert model(torch.tensor([[VOCAB + 6, 4, 5]])).logits.shape == (1, 3, VOCAB + 7)
