@@ -1,0 +1,564 @@
+#!/usr/bin/env python
+"""Convert the authors' fairseq Luna checkpoints (fairseq-apollo `luna_bert`) into a luna-hf model folder.
+
+    python scripts/convert_fairseq_luna_to_hf.py --fairseq_checkpoint luna.base.tied/model.pt \
+        --output_dir luna-base-tied --dict luna.base.tied/dict.txt \
+        --bpe_encoder_json encoder.json --bpe_vocab vocab.bpe
+
+Reads `model.pt` (weights under "model", training arguments under "args" or "cfg"), builds the matching
+`LunaConfig`, maps every tensor to luna-hf's names and saves a `save_pretrained` folder (safetensors + remote code).
+A checkpoint with a [CLS] classification head becomes `LunaForSequenceClassification` (or `LunaForMultipleChoice`
+for fairseq's sentence_ranking task), otherwise `LunaForMaskedLM`. With `--dict` the fairseq dictionary and GPT-2's
+BPE files become a RoBERTa-style tokenizer with the fairseq ids. Any unread source tensor, unfilled target, or
+inconsistent argument is an error, and nothing is written to `--output_dir` unless the whole conversion succeeded
+and the saved folder reloads to the same tensors. See docs/conversion.md.
+"""
+
+import argparse
+import collections
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import AddedToken
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, RobertaTokenizer
+
+from luna_hf import LunaConfig, LunaForMaskedLM, LunaForMultipleChoice, LunaForSequenceClassification
+
+logger = logging.getLogger("convert_fairseq_luna")
+
+ENCODER = "encoder.sentence_encoder."
+PAD_INDEX = 1  # fairseq Dictionary: <s>=0 <pad>=1 </s>=2 <unk>=3
+SPECIAL_SYMBOLS = ["<s>", "<pad>", "</s>", "<unk>"]
+
+# `luna_bert`'s base_architecture defaults and its named architectures (fairseq/models/luna_bert/model.py); they
+# fill arguments missing from the checkpoint exactly as fairseq would when it rebuilds the model.
+DEFAULT_ARGS = dict(
+    encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
+    max_positions=512, projection_length=128, fix_projection_length=False, untie_luna_kv=False,
+    activation_fn="gelu", pooler_activation_fn="tanh", dropout=0.1, attention_dropout=0.1,
+    activation_dropout=0.0, pooler_dropout=0.0, untie_weights_luna=False,
+)  # fmt: skip
+LARGE = dict(encoder_layers=24, encoder_embed_dim=1024, encoder_ffn_embed_dim=4096, encoder_attention_heads=16)
+LUNA_BERT_ARCHS = {
+    "luna_bert": {},
+    "luna_base_512": {},
+    "luna_base_tied_512": {"untie_luna_kv": False},
+    "luna_base_untied_512": {"untie_luna_kv": True},
+    "luna_base_2048": {"max_positions": 2048, "projection_length": 256},
+    "luna_large_512": LARGE,
+    "luna_large_2048": {**LARGE, "projection_length": 256},
+}
+# fairseq activation names -> transformers ACT2FN names (fairseq "gelu" is the exact erf GELU).
+ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_new", "relu": "relu",
+               "tanh": "tanh", "linear": "linear"}  # fmt: skip
+
+# fairseq module -> luna-hf module, inside encoder.sentence_encoder.layers.{i}. / luna.layers.{i}.
+LAYER_MODULES = {
+    "self_attn.pq_proj": "pack_attention.q_proj",
+    "self_attn.pc_proj": "pack_attention.kv_proj",  # tied: one projection is the pack key and value
+    "self_attn.pk_proj": "pack_attention.k_proj",
+    "self_attn.pv_proj": "pack_attention.v_proj",
+    "self_attn.q_proj": "unpack_attention.q_proj",
+    "self_attn.c_proj": "unpack_attention.kv_proj",  # tied: one projection is the unpack key and value
+    "self_attn.k_proj": "unpack_attention.k_proj",
+    "self_attn.v_proj": "unpack_attention.v_proj",
+    "self_attn.out_proj": "unpack_attention.o_proj",
+    "self_attn_layer_norm": "attention_layer_norm",
+    "self_atten_proj_layer_norm": "packed_layer_norm",  # sic: "atten"
+    "fc1": "fc1",
+    "fc2": "fc2",
+    "final_layer_norm": "ffn_layer_norm",
+}
+RENAMES = [
+    (r"encoder\.sentence_encoder\.embed_tokens\.weight", "luna.embeddings.word_embeddings.weight"),
+    (r"encoder\.sentence_encoder\.embed_positions\.weight", "luna.embeddings.position_embeddings.weight"),
+    (r"encoder\.sentence_encoder\.emb_layer_norm\.(weight|bias)", r"luna.embeddings.layer_norm.\1"),
+    (r"encoder\.sentence_encoder\.projected_embeddings", "luna.embeddings.projected_embeddings"),
+    (r"encoder\.sentence_encoder\.proj_emb_layer_norm\.(weight|bias)", r"luna.embeddings.projected_layer_norm.\1"),
+    *[
+        (
+            rf"encoder\.sentence_encoder\.layers\.(\d+)\.{re.escape(source)}\.(weight|bias)",
+            rf"luna.layers.\1.{target}.\2",
+        )
+        for source, target in LAYER_MODULES.items()
+    ],
+    (r"encoder\.lm_head\.(dense|layer_norm)\.(weight|bias)", r"lm_head.\1.\2"),
+    (r"encoder\.lm_head\.bias", "lm_head.bias"),
+    (r"encoder\.lm_head\.weight", "lm_head.decoder.weight"),
+    (r"classification_heads\.[^.]+\.(dense|out_proj)\.(weight|bias)", r"classifier.\1.\2"),
+]
+CLS_HEAD_TENSORS = {"dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias"}
+HEAD_CLASSES = {
+    "masked_lm": LunaForMaskedLM,
+    "sequence_classification": LunaForSequenceClassification,
+    "multiple_choice": LunaForMultipleChoice,
+}
+
+
+class ConversionError(ValueError):
+    """A checkpoint or an argument that cannot be converted exactly; the message says why and what to do."""
+
+
+@dataclass
+class Arguments:
+    fairseq_checkpoint: str = field(metadata={"help": "The fairseq checkpoint (`model.pt`) of a luna_bert model."})
+    output_dir: str = field(metadata={"help": "Where to write the converted model (must be new or empty)."})
+    dict: str | None = field(
+        default=None, metadata={"help": "fairseq `dict.txt` of the checkpoint: also convert the tokenizer."}
+    )
+    bpe_encoder_json: str | None = field(default=None, metadata={"help": "GPT-2 BPE `encoder.json` (with --dict)."})
+    bpe_vocab: str | None = field(default=None, metadata={"help": "GPT-2 BPE merges `vocab.bpe` (with --dict)."})
+    head: Literal["auto", "masked_lm", "sequence_classification", "multiple_choice"] = field(
+        default="auto",
+        metadata={
+            "help": "Model to build. auto: the checkpoint's classification head if it has one (multiple choice "
+            "for fairseq's sentence_ranking task), else the masked-LM head."
+        },
+    )
+    classification_head: str | None = field(
+        default=None, metadata={"help": "Name of the fairseq classification head to convert, if there are several."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the folder to this Hub repo."})
+    trust_pickle: bool = field(
+        default=False,
+        metadata={
+            "help": "If the safe (weights-only) load cannot read the training arguments, unpickle the whole file. "
+            "This can run arbitrary code: only for files from a source you trust."
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the checkpoint
+
+
+class _Placeholder:
+    """Stands in for objects outside the weights and arguments (e.g. fairseq's training meters in `extra_state`)
+    whose classes a weights-only load may not build. It runs no code from the file and keeps nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return collections.OrderedDict()  # the weights-only unpickler fills only exact dicts with SETITEM(S)
+
+
+def _numpy_globals(names):
+    """numpy scalars (e.g. a saved validation loss) are data, not code: allow them as torch's documentation shows."""
+    import numpy as np
+
+    allowed = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        allowed.append((getattr(importlib.import_module(module), attribute), name))
+    return allowed
+
+
+def load_checkpoint(path: str, trust_pickle: bool = False) -> dict:
+    """`torch.load` with `weights_only=True` and `argparse.Namespace` allowed; see the module docstring."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"--fairseq_checkpoint {path!r} is not a file.")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the file decides which error torch raises
+        first_error = error
+    if "Weights only load failed" not in str(first_error):
+        raise ConversionError(
+            f"Could not read {path!r} as a PyTorch checkpoint ({type(first_error).__name__}: "
+            f"{str(first_error).splitlines()[0]}). Is the file complete (not truncated by an interrupted download)?"
+        ) from first_error
+    # Objects of other classes (fairseq stores training meters in `extra_state`): retry with inert placeholders.
+    try:
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - {"argparse.Namespace"}
+        numpy_names = {name for name in unsafe if name.startswith("numpy.")}
+        allowed = [argparse.Namespace, *_numpy_globals(numpy_names)]
+        allowed += [(_Placeholder, name) for name in sorted(unsafe - numpy_names)]
+        with torch.serialization.safe_globals(allowed):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        skipped = sorted(unsafe - numpy_names)
+        if not skipped or _arguments_readable(checkpoint):
+            if skipped:
+                logger.info("Skipped objects of %s (training state, not needed).", skipped)
+            return checkpoint
+        reason = f"its training arguments are objects of classes among {skipped}"
+    except Exception as error:
+        reason = f"a weights-only load fails: {str(error).splitlines()[-1]}"
+    if not trust_pickle:
+        raise ConversionError(
+            f"{path!r} cannot be read safely: {reason}. If you trust the file's source, rerun with --trust_pickle "
+            "to unpickle it completely (this can execute code stored in the file; the classes it names must be "
+            "importable, e.g. fairseq or omegaconf installed)."
+        )
+    logger.warning("--trust_pickle: unpickling %s completely (%s).", path, reason)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ConversionError(f"Full unpickling of {path!r} failed too: {type(error).__name__}: {error}") from error
+
+
+def _arguments_readable(checkpoint) -> bool:
+    try:
+        fairseq_arguments(checkpoint)
+    except ConversionError:
+        return False
+    return True
+
+
+def fairseq_arguments(checkpoint) -> dict:
+    """The model arguments as a dict, from `args` (argparse.Namespace) or `cfg["model"]` (dict or Namespace)."""
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping):
+        raise ConversionError("Not a fairseq checkpoint: expected a dict with the model's state dict under 'model'.")
+    args, cfg = checkpoint.get("args"), checkpoint.get("cfg")
+    if args is None and isinstance(cfg, Mapping):
+        args = cfg.get("model")
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    if isinstance(args, Mapping) and args:
+        values = dict(args)
+        values.setdefault("arch", values.get("_name"))  # fairseq's dataclass configs name the arch `_name`
+        return values
+    raise ConversionError(
+        "The checkpoint has no readable training arguments: expected an argparse.Namespace under 'args' or a "
+        f"dict under cfg['model'], got {type(args).__name__}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def luna_config(checkpoint: dict, head: str, head_name: str | None) -> LunaConfig:
+    """`LunaConfig` from the arguments, checked against the tensor shapes and luna_bert's fixed design."""
+    args = fairseq_arguments(checkpoint)
+    state = checkpoint["model"]
+    arch = args.get("arch")
+    if arch not in LUNA_BERT_ARCHS and ENCODER + "projected_embeddings" not in state:
+        kind = "another Luna model (LRA or translation)" if str(arch).startswith("luna") else "not a Luna model"
+        raise ConversionError(
+            f"This checkpoint (arch {arch!r}) is {kind}: only fairseq-apollo's luna_bert (archs "
+            f"{sorted(LUNA_BERT_ARCHS)}) converts to luna-hf. It has no '{ENCODER}projected_embeddings'; its first "
+            f"keys are {list(state)[:5]}."
+        )
+    args = {**DEFAULT_ARGS, **LUNA_BERT_ARCHS.get(arch, {}), **{k: v for k, v in args.items() if v is not None}}
+
+    def tensor(name):
+        if name not in state:
+            raise ConversionError(f"Missing tensor {name!r}: the checkpoint is incomplete.")
+        return state[name]
+
+    # luna_bert hard-wires post-LN, embedding LayerNorms, learned positions and no segment embeddings.
+    wrong = {
+        f"{ENCODER}layer_norm.weight": "a final LayerNorm (pre-LN, normalize_before=True)",
+        f"{ENCODER}segment_embeddings.weight": "segment embeddings",
+        f"{ENCODER}embed_positions._float_tensor": "sinusoidal positions",
+    }
+    for name, what in wrong.items():
+        if name in state:
+            raise ConversionError(f"The checkpoint has {what} ({name!r}); luna_bert and luna-hf have none.")
+    if f"{ENCODER}emb_layer_norm.weight" not in state:
+        raise ConversionError(f"No embedding LayerNorm ({ENCODER}emb_layer_norm.weight), which luna_bert always has.")
+
+    vocab_size, hidden_size = tensor(f"{ENCODER}embed_tokens.weight").shape
+    projected_length = tensor(f"{ENCODER}projected_embeddings").shape[0]
+    positions = tensor(f"{ENCODER}embed_positions.weight").shape[0]
+    intermediate_size = tensor(f"{ENCODER}layers.0.fc1.weight").shape[0]
+    layer_ids = {int(m.group(1)) for k in state if (m := re.match(re.escape(ENCODER) + r"layers\.(\d+)\.", k))}
+    if layer_ids != set(range(len(layer_ids))):
+        raise ConversionError(f"Layer indices {sorted(layer_ids)} are not 0..N-1.")
+    tied_key_value = f"{ENCODER}layers.0.self_attn.pc_proj.weight" in state
+    tied_output = (
+        "encoder.lm_head.weight" not in state
+        or state["encoder.lm_head.weight"] is state.get(f"{ENCODER}embed_tokens.weight")
+        or torch.equal(state["encoder.lm_head.weight"], state[f"{ENCODER}embed_tokens.weight"])
+    )
+
+    checks = {
+        "encoder_layers": (args["encoder_layers"], len(layer_ids)),
+        "encoder_embed_dim": (args["encoder_embed_dim"], hidden_size),
+        "encoder_ffn_embed_dim": (args["encoder_ffn_embed_dim"], intermediate_size),
+        "projection_length": (args["projection_length"], projected_length),
+        "max_positions": (args["max_positions"] + PAD_INDEX + 1, positions),
+        "untie_luna_kv": (bool(args["untie_luna_kv"]), not tied_key_value),
+        "untie_weights_luna": (bool(args["untie_weights_luna"]), not tied_output),
+    }
+    mismatched = {name: values for name, values in checks.items() if values[0] != values[1]}
+    if mismatched:
+        raise ConversionError(
+            "The arguments disagree with the tensors (argument-implied value, tensor-implied value): "
+            + ", ".join(f"{name} {a} vs {b}" for name, (a, b) in mismatched.items())
+        )
+    if args["activation_fn"] not in ACTIVATIONS:
+        raise ConversionError(f"Unknown activation_fn {args['activation_fn']!r}; known: {sorted(ACTIVATIONS)}.")
+    if head == "masked_lm" and args["activation_fn"] != "gelu":
+        raise ConversionError(
+            f"The fairseq LM head applies activation_fn ({args['activation_fn']!r}); luna-hf's LM head applies the "
+            "exact GELU, so the masked-LM outputs could not be equal. Convert a classification head instead."
+        )
+    if head != "masked_lm" and args["pooler_activation_fn"] != "tanh":
+        raise ConversionError(
+            f"The classification head uses pooler_activation_fn {args['pooler_activation_fn']!r}; luna-hf's head "
+            "applies tanh."
+        )
+
+    extra = {}
+    if head != "masked_lm":
+        out_proj = tensor(f"classification_heads.{head_name}.out_proj.weight")
+        if head == "multiple_choice" and out_proj.shape[0] != 1:
+            raise ConversionError(f"A multiple-choice head scores each choice with 1 output, {head_name!r} has "
+                                  f"{out_proj.shape[0]}.")  # fmt: skip
+        if head == "sequence_classification":
+            extra["num_labels"] = out_proj.shape[0]
+            if args.get("regression_target"):
+                extra["problem_type"] = "regression"
+    return LunaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=len(layer_ids),
+        num_attention_heads=args["encoder_attention_heads"],
+        intermediate_size=intermediate_size,
+        hidden_act=ACTIVATIONS[args["activation_fn"]],
+        hidden_dropout_prob=args["dropout"],
+        attention_probs_dropout_prob=args["attention_dropout"],
+        activation_dropout=args["activation_dropout"],
+        classifier_dropout=args["pooler_dropout"],
+        max_position_embeddings=positions,
+        layer_norm_eps=1e-5,
+        pad_token_id=PAD_INDEX,
+        bos_token_id=0,
+        eos_token_id=2,
+        projected_length=projected_length,
+        tie_key_value=tied_key_value,
+        dynamic_projection=not args["fix_projection_length"],
+        classifier_pooling="cls",
+        tie_word_embeddings=tied_output,
+        **extra,
+    )
+
+
+def choose_head(checkpoint: dict, head: str, head_name: str | None) -> tuple[str, str | None]:
+    """Which luna-hf class to build and which fairseq classification head feeds it."""
+    names = sorted({key.split(".")[1] for key in checkpoint["model"] if key.startswith("classification_heads.")})
+    if head_name is not None and head_name not in names:
+        raise ConversionError(f"No classification head {head_name!r} in the checkpoint; it has {names}.")
+    if head == "masked_lm":
+        return head, None
+    if head_name is None:
+        if not names:
+            if head == "auto":
+                return "masked_lm", None
+            raise ConversionError(f"--head {head} needs a classification head; the checkpoint has none.")
+        if len(names) > 1:
+            raise ConversionError(f"The checkpoint has several classification heads {names}: pick one with "
+                                  "--classification_head.")  # fmt: skip
+        head_name = names[0]
+    prefix = f"classification_heads.{head_name}."
+    unsupported = [k for k in checkpoint["model"] if k.startswith(prefix) and k[len(prefix) :] not in CLS_HEAD_TENSORS]
+    if unsupported or head_name in ("pooling_classification_head", "attention_classification_head"):
+        raise ConversionError(
+            f"Head {head_name!r} pools the packed sequence P (tensors {unsupported[:4]}); luna-hf's heads read the "
+            "[CLS] state (fairseq's default head), so it has no equivalent."
+        )
+    if head == "auto":
+        task = fairseq_arguments(checkpoint).get("task")
+        head = "multiple_choice" if task == "sentence_ranking" else "sequence_classification"
+    return head, head_name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def convert_state_dict(checkpoint: dict, model, head_name: str | None) -> dict[str, torch.Tensor]:
+    """fairseq tensors under luna-hf names; every tensor of the checkpoint is used or deliberately set aside."""
+    state, config = checkpoint["model"], model.config
+    converted, leftover, set_aside = {}, [], []
+    for key, value in tqdm(state.items(), desc="Mapping tensors", unit=" tensors", leave=False):
+        if key.startswith("classification_heads.") and key.split(".")[1] != head_name:
+            set_aside.append(key)  # another task's head, or heads while converting the masked LM
+            continue
+        if key.startswith("encoder.lm_head.") and not isinstance(model, LunaForMaskedLM):
+            set_aside.append(key)  # fine-tuned checkpoints keep the pretraining LM head
+            continue
+        if key == "encoder.lm_head.weight" and config.tie_word_embeddings:
+            continue  # the same tensor as embed_tokens (checked in luna_config)
+        target = next((re.sub(pattern, to, key) for pattern, to in RENAMES if re.fullmatch(pattern, key)), None)
+        if target is None:
+            leftover.append(key)
+            continue
+        converted[target] = value
+        if target == "lm_head.bias" and not config.tie_word_embeddings:
+            converted["lm_head.decoder.bias"] = value  # untied output layer: the bias lives on the decoder
+    if set_aside:
+        groups = sorted({".".join(k.split(".")[:2]) for k in set_aside})
+        logger.warning("Not converted (not part of a %s): %s", type(model).__name__, groups)
+
+    expected = model.state_dict()
+    tied = set(model.all_tied_weights_keys)
+    missing = sorted(set(expected) - tied - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    shapes = sorted(
+        f"{k}: {tuple(converted[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(converted) & set(expected)
+        if converted[k].shape != expected[k].shape
+    )
+    problems = []
+    if leftover:
+        problems.append(f"source tensors with no luna-hf counterpart: {leftover}")
+    if missing:
+        problems.append(f"luna-hf tensors the checkpoint does not provide: {missing}")
+    if unexpected:
+        problems.append(f"tensors that do not fit this configuration: {unexpected}")
+    if shapes:
+        problems.append(f"shape mismatches (checkpoint vs model): {shapes}")
+    if problems:
+        raise ConversionError("The checkpoint does not map exactly onto luna-hf: " + "; ".join(problems))
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def read_fairseq_dictionary(path: str) -> list[str]:
+    """Symbols of a fairseq `dict.txt` ("<symbol> <count> [#fairseq:overwrite]" per line), in index order."""
+    symbols, seen = list(SPECIAL_SYMBOLS), set(SPECIAL_SYMBOLS)
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        symbol, _, count = line.rstrip().rpartition(" ")
+        overwrite = count == "#fairseq:overwrite"
+        if overwrite:
+            symbol, _, count = symbol.rpartition(" ")
+        if not symbol or not count.lstrip("-").isdigit():
+            raise ConversionError(f"{path}:{number}: expected '<symbol> <count>', got {line!r}.")
+        if symbol in seen and not overwrite:
+            raise ConversionError(f"{path}:{number}: duplicate symbol {symbol!r} (fairseq refuses it too).")
+        seen.add(symbol)
+        symbols.append(symbol)
+    return symbols
+
+
+def build_tokenizer(dict_path: str, encoder_json: str, vocab_bpe: str, vocab_size: int, max_length: int):
+    """RoBERTa's tokenizer over fairseq ids: GPT-2 BPE token -> GPT-2 id -> fairseq index (dict.txt), + <mask>."""
+    symbols = read_fairseq_dictionary(dict_path) + ["<mask>"]  # fairseq's masked_lm task appends <mask>
+    if len(symbols) != vocab_size:
+        raise ConversionError(
+            f"{dict_path} gives {len(symbols)} symbols (4 special + {len(symbols) - 5} lines + <mask>), but the "
+            f"checkpoint's embedding has {vocab_size} rows: it is not this model's dictionary."
+        )
+    gpt2_tokens = {gpt2_id: token for token, gpt2_id in json.loads(Path(encoder_json).read_text("utf-8")).items()}
+    vocab, unknown = {}, []
+    for index, symbol in enumerate(symbols):
+        if symbol.isdigit() and index >= len(SPECIAL_SYMBOLS):
+            if int(symbol) not in gpt2_tokens:
+                unknown.append(symbol)
+                continue
+            symbol = gpt2_tokens[int(symbol)]
+        vocab.setdefault(symbol, index)
+    if unknown:
+        raise ConversionError(f"{dict_path} has GPT-2 ids missing from {encoder_json}: {unknown[:10]}.")
+    missing = sorted(set(gpt2_tokens.values()) - set(vocab))
+    if missing:
+        raise ConversionError(
+            f"{len(missing)} GPT-2 BPE tokens (e.g. {missing[:5]}) are not in {dict_path}: the tokenizer conversion "
+            "needs a dictionary that covers the whole BPE vocabulary, as RoBERTa's (and the released Luna's) does."
+        )
+    lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    return RobertaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        mask_token=AddedToken("<mask>", lstrip=True, rstrip=False),
+        model_max_length=max_length,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def convert(args: Arguments) -> Path:
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not args.overwrite_output_dir:
+        raise ConversionError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite_output_dir.")
+    if args.dict and not (args.bpe_encoder_json and args.bpe_vocab):
+        raise ConversionError("--dict needs the GPT-2 BPE files too: --bpe_encoder_json and --bpe_vocab.")
+
+    checkpoint = load_checkpoint(args.fairseq_checkpoint, args.trust_pickle)
+    fairseq_arguments(checkpoint)
+    head, head_name = choose_head(checkpoint, args.head, args.classification_head)
+    config = luna_config(checkpoint, head, head_name)
+    model = HEAD_CLASSES[head](config)
+    converted = convert_state_dict(checkpoint, model, head_name)
+    model.load_state_dict(converted, strict=False)
+    model.eval()
+    dtypes = sorted({str(t.dtype) for t in converted.values()} - {"torch.float32"})
+    if dtypes:
+        logger.warning("Checkpoint tensors in %s were converted to float32.", dtypes)
+    tokenizer = None
+    if args.dict:
+        tokenizer = build_tokenizer(
+            args.dict, args.bpe_encoder_json, args.bpe_vocab, config.vocab_size, config.max_sequence_length
+        )
+
+    # Stage next to the destination, check the saved folder, then move it into place.
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        reloaded = type(model).from_pretrained(staging).state_dict()
+        differing = [k for k, v in converted.items() if not torch.equal(reloaded[k], v.to(reloaded[k].dtype))]
+        if differing:
+            raise ConversionError(f"The saved folder does not reload to the converted tensors: {differing}")
+        if output_dir.exists():
+            shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
+        staging.rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary = [
+        f"{type(model).__name__}",
+        f"{model.num_parameters() / 1e6:.2f}M parameters",
+        f"{config.num_hidden_layers} layers",
+        f"l={config.projected_length}",
+        f"{'tied' if config.tie_key_value else 'untied'} K/V",
+        f"{'dynamic' if config.dynamic_projection else 'fixed'} projection",
+    ]
+    if head_name:
+        summary.append(f"head {head_name!r} ({model.classifier.out_proj.out_features} outputs)")
+    if tokenizer is not None:
+        summary.append(f"tokenizer ({len(tokenizer)} tokens)")
+    print(f"Converted {args.fairseq_checkpoint} -> {output_dir}: " + ", ".join(summary))
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.push_to_hub, exist_ok=True)
+        api.upload_folder(
+            repo_id=args.push_to_hub, folder_path=output_dir, commit_message="Convert fairseq Luna checkpoint"
+        )
+        print(f"Uploaded {output_dir} to {args.push_to_hub}")
+    return output_dir
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
+    (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses(args=argv)
+    try:
+        convert(args)
+    except ConversionError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
