@@ -1,0 +1,577 @@
+#!/usr/bin/env python
+"""Speed and peak memory of Luna against RoBERTa (SDPA and eager), Longformer, BigBird, Nyströmformer and the
+attention-free floor, all at the same width, depth and FFN size (paper Table 2, with today's baselines):
+
+    python scripts/benchmark.py --lengths 128 512 1024 2048 4096 8192 16384 --batch_size 1 \
+        --output_dir benchmarks/results
+
+For every length, model and mode (`train`: forward, backward and AdamW step of a sequence classifier;
+`inference`: forward under `torch.inference_mode`) one configuration runs in a fresh process. It times `--repeats`
+steps after `--warmup` untimed ones (fewer when they take more than `--measure_seconds`, never fewer than
+`--min_repeats`) and reports the median: steps/s, tokens/s, and the peak memory growth over the built model (peak
+RSS on CPU, `torch.cuda.max_memory_allocated` on GPU). A configuration that runs out of `--memory_limit_gb` or of
+`--time_limit` seconds is recorded as `oom` / `timeout`, and the model's longer lengths as `skipped`, as are lengths
+where the last step time, scaled linearly in the length, already cannot fit the time limit.
+
+Writes `<prefix>results.csv`, `<prefix>results.md` (ratios against RoBERTa-SDPA with attention dropout 0.1 in the
+layout of Table 2, absolute numbers, the targets) and log-log plots `<prefix>{train,inference}.png` (needs
+matplotlib). `--max_length_search` estimates the longest sequence a base-size Luna-16 trains on at batch 1 within the
+machine's memory; `--profile MODEL` writes a torch.profiler table of its training step. See docs/benchmarks.md.
+"""
+
+import csv
+import gc
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import (
+    BigBirdConfig,
+    BigBirdForSequenceClassification,
+    HfArgumentParser,
+    LongformerConfig,
+    LongformerForSequenceClassification,
+    NystromformerConfig,
+    NystromformerForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from luna_hf import LunaConfig, LunaForSequenceClassification
+
+SIZES = {  # layers, width, heads, FFN
+    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256),
+    "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+}
+# name -> (family, settings). Attention dropout is 0.1 unless the name says otherwise; hidden dropout is 0.1 for all.
+MODELS = {
+    **{f"luna-{length}{suffix}": ("luna", dict(projected_length=length, attn_implementation=attn))
+       for length in (16, 128, 256) for suffix, attn in (("", "sdpa"), ("-eager", "eager"))},
+    "roberta-sdpa": ("roberta", dict(attn_implementation="sdpa")),
+    "roberta-sdpa-nodrop": ("roberta", dict(attn_implementation="sdpa", attention_probs_dropout_prob=0.0)),
+    "roberta-eager": ("roberta", dict(attn_implementation="eager")),
+    "roberta-eager-nodrop": ("roberta", dict(attn_implementation="eager", attention_probs_dropout_prob=0.0)),
+    "longformer": ("longformer", dict(attention_window=512)),
+    "bigbird": ("bigbird", dict(attention_type="block_sparse", block_size=64, num_random_blocks=3)),
+    "nystromformer": ("nystromformer", dict(num_landmarks=64, conv_kernel_size=65)),
+    "floor": ("floor", dict(attn_implementation="sdpa")),
+}
+BASELINE, FLOOR, LUNA_TARGET = "roberta-sdpa", "floor", "luna-16"
+MODES = ("train", "inference")
+STATUS_SHORT = {"oom": "OOM", "timeout": "time", "skipped": "—", "error": "err", "crashed": "crash"}
+CSV_FIELDS = ["device", "size", "model", "mode", "seq_len", "batch_size", "status", "steps_per_s", "tokens_per_s",
+              "median_s", "repeats", "peak_mem_mib", "peak_rss_mib", "error"]
+CHILD_PRELOAD = ["torch", "transformers", "luna_hf", "__main__"]
+
+
+@dataclass
+class BenchmarkArguments:
+    lengths: list[int] = field(default_factory=lambda: [128, 512, 1024, 2048, 4096, 8192, 16384],
+                               metadata={"help": "Sequence lengths (tokens per row)."})
+    batch_size: int = field(default=1, metadata={"help": "Rows per step, the same for every length."})
+    size: str = field(default="small", metadata={"help": f"Model shape, one of {list(SIZES)} (base: for a GPU)."})
+    models: list[str] = field(default_factory=lambda: list(MODELS), metadata={"help": f"Any of {list(MODELS)}."})
+    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "train and/or inference."})
+    warmup: int = field(default=1, metadata={"help": "Untimed steps first (train: they also build AdamW state)."})
+    repeats: int = field(default=20, metadata={"help": "Timed steps at most; the median is reported."})
+    min_repeats: int = field(default=2, metadata={"help": "Timed steps at least."})
+    measure_seconds: float = field(default=5.0, metadata={"help": "Stop timing after this long (>= min_repeats)."})
+    time_limit: float = field(default=120.0, metadata={"help": "Seconds per configuration before it is killed."})
+    memory_limit_gb: float = field(default=8.0, metadata={"help": "Memory growth allowed per configuration (GiB)."})
+    vocab_size: int = field(default=512, metadata={"help": "Byte-level vocabulary, as in LRA Text."})
+    threads: int = field(default=0, metadata={"help": "torch threads per configuration (0: torch's default)."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)."})
+    dtype: str = field(default="float32", metadata={"help": "float32, or bfloat16 (autocast, GPU)."})
+    output_dir: str = field(default="benchmarks/results")
+    prefix: str = field(default="", metadata={"help": "File name prefix; default '' on CPU, 'gpu_' on CUDA."})
+    max_length_search: bool = field(default=False, metadata={"help": "Only estimate base Luna-16's longest train "
+                                                                       "length at batch 1 (writes max_length.md)."})
+    search_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096],
+                                      metadata={"help": "Lengths measured for --max_length_search's linear fit."})
+    profile: str | None = field(default=None, metadata={"help": "Only profile this model's training step."})
+    profile_length: int = field(default=4096)
+
+    def __post_init__(self):
+        problems = [f"unknown model {name!r}" for name in self.models if name not in MODELS]
+        problems += [f"unknown mode {mode!r}" for mode in self.modes if mode not in MODES]
+        if self.size not in SIZES:
+            problems.append(f"unknown size {self.size!r}")
+        if self.profile is not None and self.profile not in MODELS:
+            problems.append(f"unknown model to profile {self.profile!r}")
+        if any(length < 1 for length in self.lengths + self.search_lengths) or self.batch_size < 1:
+            problems.append("lengths and batch size must be positive")
+        if not 1 <= self.min_repeats <= self.repeats or self.warmup < 0:
+            problems.append("need 1 <= min_repeats <= repeats and warmup >= 0")
+        if self.dtype not in ("float32", "bfloat16"):
+            problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            problems.append("--device cuda but no GPU is visible")
+        if problems:
+            raise ValueError("Bad benchmark arguments: " + "; ".join(problems) + f". Models: {list(MODELS)}.")
+        self.lengths = sorted(set(self.lengths))
+
+
+class AttentionFree(nn.Module):
+    """Stands in for a whole `RobertaAttention` block (Q/K/V/O projections, attention, dropout, residual LayerNorm):
+    the layer's input goes straight to the feed-forward block, so each layer computes X <- LN(X + FFN(X))."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states, None
+
+
+def build_model(name: str, size: str, seq_len: int, vocab_size: int) -> nn.Module:
+    family, settings = MODELS[name]
+    common = dict(SIZES[size], vocab_size=vocab_size, num_labels=2, hidden_dropout_prob=0.1,
+                  attention_probs_dropout_prob=0.1, pad_token_id=1)
+    common.update(settings)
+    # Learned positions for every model: RoBERTa-style tables are offset by pad_token_id + 1.
+    if family == "luna":
+        return LunaForSequenceClassification(LunaConfig(**common, max_position_embeddings=seq_len + 2))
+    if family in ("roberta", "floor"):
+        model = RobertaForSequenceClassification(
+            RobertaConfig(**common, max_position_embeddings=seq_len + 2)
+        )
+        if family == "floor":
+            for layer in model.roberta.encoder.layer:
+                layer.attention = AttentionFree()
+        return model
+    if family == "longformer":  # pads the input to a multiple of the window
+        window = settings["attention_window"]
+        padded = math.ceil(seq_len / window) * window
+        return LongformerForSequenceClassification(
+            LongformerConfig(**common, max_position_embeddings=padded + 2)
+        )
+    if family == "bigbird":  # block-sparse; BigBird itself switches to full attention up to 704 tokens
+        return BigBirdForSequenceClassification(
+            BigBirdConfig(**common, max_position_embeddings=seq_len + 2)
+        )
+    # Nyströmformer averages segments of `segment_means_seq_len // num_landmarks` tokens: the length is fixed.
+    return NystromformerForSequenceClassification(
+        NystromformerConfig(**common, max_position_embeddings=seq_len + 2, segment_means_seq_len=seq_len)
+    )
+
+
+def proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} missing from /proc/self/status")
+
+
+class MemoryMeter:
+    """Peak memory growth over a baseline: resident set size on CPU (Linux), allocated tensors on CUDA. The limit is
+    an address-space rlimit on CPU (an allocation beyond it fails) and a memory fraction on CUDA."""
+
+    def __init__(self, device: torch.device, limit_bytes: int):
+        self.cuda = device.type == "cuda"
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.baseline = torch.cuda.memory_allocated()
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, (self.baseline + limit_bytes) / total))
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.baseline = proc_status_bytes("VmRSS")
+            address_space = proc_status_bytes("VmSize") + limit_bytes
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, resource.getrlimit(resource.RLIMIT_AS)[1]))
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
+
+    def peak(self) -> int:
+        """Absolute peak (RSS or allocated bytes) since the meter started."""
+        return torch.cuda.max_memory_allocated() if self.cuda else proc_status_bytes("VmHWM")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    message = str(error).lower()
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
+        text in message for text in ("can't allocate memory", "out of memory", "cannot allocate memory")
+    )
+
+
+def make_step(model: nn.Module, mode: str, batch: dict, dtype: str, device: torch.device):
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+        return step
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # Trainer's default (adamw_torch_fused)
+
+    def step():
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_batch(args_dict: dict, seq_len: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    shape = (args_dict["batch_size"], seq_len)
+    return {
+        "input_ids": torch.randint(3, args_dict["vocab_size"], shape, generator=generator).to(device),
+        "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
+        "labels": torch.randint(0, 2, (shape[0],), generator=generator).to(device),
+    }
+
+
+def run_configuration(args_dict: dict, name: str, mode: str, seq_len: int) -> dict:
+    """Build one model and time one mode at one length; runs inside its own process."""
+    transformers.logging.set_verbosity_error()
+    if args_dict["threads"]:
+        torch.set_num_threads(args_dict["threads"])
+    torch.manual_seed(0)
+    device = torch.device(args_dict["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = build_model(name, args_dict["size"], seq_len, args_dict["vocab_size"]).to(device)
+    batch = make_batch(args_dict, seq_len, device)
+    torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)  # start the thread pool before the meter
+    meter = MemoryMeter(device, int(args_dict["memory_limit_gb"] * 2**30))
+    step = make_step(model, mode, batch, args_dict["dtype"], device)
+    for _ in range(args_dict["warmup"]):
+        step()
+    sync()
+    times = []
+    while len(times) < args_dict["repeats"] and (
+        len(times) < args_dict["min_repeats"] or sum(times) < args_dict["measure_seconds"]
+    ):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    peak = meter.peak()
+    return dict(status="ok", median_s=median, steps_per_s=1 / median,
+                tokens_per_s=args_dict["batch_size"] * seq_len / median, repeats=len(times),
+                peak_mem_mib=(peak - meter.baseline) / 2**20, peak_rss_mib=peak / 2**20)
+
+
+def child_main(connection, args_dict: dict, name: str, mode: str, seq_len: int):
+    try:
+        result = run_configuration(args_dict, name, mode, seq_len)
+    except Exception as error:  # recorded, not raised: one failing configuration must not stop the benchmark
+        status = "oom" if is_out_of_memory(error) else "error"
+        result = dict(status=status, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    connection.send(result)
+
+
+def configuration(args: BenchmarkArguments, name: str, mode: str, seq_len: int) -> dict:
+    return dict(device=args.device, size=args.size, model=name, mode=mode, seq_len=seq_len, batch_size=args.batch_size)
+
+
+def measure(context, args: BenchmarkArguments, name: str, mode: str, seq_len: int) -> dict:
+    """Run one configuration in a fresh process with a time limit; never raises."""
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=child_main, args=(sender, asdict(args), name, mode, seq_len), daemon=True)
+    process.start()
+    sender.close()
+    if receiver.poll(args.time_limit):
+        try:
+            result = receiver.recv()
+        except EOFError:  # died while sending
+            result = None
+    else:
+        result = None if not process.is_alive() else dict(status="timeout", error=f"over {args.time_limit:g} s")
+    if process.is_alive():
+        process.kill()
+    process.join()
+    if result is None:
+        result = dict(status="crashed", error=f"process exit code {process.exitcode} (killed for memory?)")
+    return dict(configuration(args, name, mode, seq_len), **result)
+
+
+def new_context():
+    # Children fork from a server that imported torch/transformers once (~5 s saved per configuration); each child
+    # is still a fresh process with its own memory, limits and allocator state.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(CHILD_PRELOAD)
+    return context
+
+
+def run_benchmark(args: BenchmarkArguments, csv_path: Path) -> list[dict]:
+    context = new_context()
+    configurations = [(n, name, mode) for n in args.lengths for name in args.models for mode in args.modes]
+    skip, rows = {}, []  # (model, mode) -> why its longer lengths are skipped
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        progress = tqdm(configurations, desc="benchmark", unit="config")
+        for seq_len, name, mode in progress:
+            progress.set_postfix_str(f"{name} {mode} {seq_len}")
+            last = skip.get((name, mode))
+            # Skip after a failure, or when the last step time, scaled linearly in the length, already cannot fit
+            # warm-up plus min_repeats steps in the time limit.
+            if last is not None and (last["status"] != "ok" or (args.warmup + args.min_repeats) * last["median_s"]
+                                     * seq_len / last["seq_len"] > args.time_limit):
+                why = (f"{last['status']} at {last['seq_len']}" if last["status"] != "ok" else
+                       f"{last['median_s']:.1f} s/step at {last['seq_len']} predicts over {args.time_limit:g} s")
+                row = dict(configuration(args, name, mode, seq_len), status="skipped", error=why)
+            else:
+                row = measure(context, args, name, mode, seq_len)
+                skip[name, mode] = row
+            rows.append(row)
+            writer.writerow(row)
+            handle.flush()
+    return rows
+
+
+def label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def lookup(rows: list[dict]) -> dict:
+    return {(row["model"], row["mode"], int(row["seq_len"])): row for row in rows}
+
+
+def ratio_cell(row, base, key, digits=2):
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return STATUS_SHORT.get(row["status"], row["status"])
+    if base is None or base["status"] != "ok":
+        return "n/a"
+    return f"{float(row[key]) / float(base[key]):.{digits}f}"
+
+
+def markdown_tables(rows: list[dict], args: BenchmarkArguments) -> str:
+    table = lookup(rows)
+    models = [name for name in MODELS if any(row["model"] == name for row in rows)]
+    heads = [label(n) for n in args.lengths]
+    lines = []
+    for mode in args.modes:
+        lines += [f"### {mode.capitalize()}: ratio to {BASELINE} (attention dropout 0.1)", "",
+                  "| Model | " + " | ".join(f"steps/s {h}" for h in heads) + " | "
+                  + " | ".join(f"memory {h}" for h in heads) + " |",
+                  "|---|" + "---:|" * (2 * len(heads))]
+        for name in models:
+            cells = [ratio_cell(table.get((name, mode, n)), table.get((BASELINE, mode, n)), "steps_per_s", digits=1)
+                     for n in args.lengths]
+            cells += [ratio_cell(table.get((name, mode, n)), table.get((BASELINE, mode, n)), "peak_mem_mib")
+                      for n in args.lengths]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", f"### {mode.capitalize()}: absolute (steps/s / peak memory growth MiB)", "",
+                  "| Model | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+        for name in models:
+            cells = []
+            for n in args.lengths:
+                row = table.get((name, mode, n))
+                if row is None:
+                    cells.append("")
+                elif row["status"] == "ok":
+                    cells.append(f"{float(row['steps_per_s']):.3g} / {float(row['peak_mem_mib']):.0f}")
+                else:
+                    cells.append(STATUS_SHORT.get(row["status"], row["status"]))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def target_checks(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
+    """Issue 6's targets (training step): (target, measured, met); met is None when not measured."""
+    table = lookup(rows)
+
+    def ratio(name, other, n, key):
+        row, base = table.get((name, "train", n)), table.get((other, "train", n))
+        if row and base and row["status"] == base["status"] == "ok":
+            return float(row[key]) / float(base[key])
+        return None
+
+    checks = []
+    speed, memory = ratio(LUNA_TARGET, BASELINE, 4096, "steps_per_s"), ratio(LUNA_TARGET, BASELINE, 4096,
+                                                                                "peak_mem_mib")
+    checks.append(("4K: Luna-16 ≥ 5.5× the steps/s of RoBERTa-SDPA",
+                   "not measured" if speed is None else f"{speed:.2f}×", None if speed is None else speed >= 5.5))
+    checks.append(("4K: Luna-16 ≤ 0.10× the peak memory of RoBERTa-SDPA",
+                   "not measured" if memory is None else f"{memory:.3f}×", None if memory is None else memory <= 0.10))
+    slowdown = ratio(BASELINE, LUNA_TARGET, 128, "steps_per_s")  # Luna's time / RoBERTa's time
+    checks.append(("128: Luna-16 step time ≤ 1.1× RoBERTa-SDPA's", "not measured" if slowdown is None
+                   else f"{slowdown:.2f}×", None if slowdown is None else slowdown <= 1.1))
+    for n in sorted({int(row["seq_len"]) for row in rows if int(row["seq_len"]) >= 1024}):
+        over_floor = ratio(FLOOR, LUNA_TARGET, n, "steps_per_s")
+        checks.append((f"{label(n)}: Luna-16 step time ≤ 1.3× the attention-free floor's",
+                       "not measured" if over_floor is None else f"{over_floor:.2f}×",
+                       None if over_floor is None else over_floor <= 1.3))
+    return checks
+
+
+def environment(args: BenchmarkArguments) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
+    return dict(device=device, threads=args.threads or torch.get_num_threads(), torch=torch.__version__,
+                transformers=transformers.__version__, load_average=os.getloadavg(), python=platform.python_version())
+
+
+def write_markdown(path: Path, rows: list[dict], args: BenchmarkArguments, before: dict, after: dict):
+    shape = SIZES[args.size]
+    checks = target_checks(rows) if "train" in args.modes else []
+    lines = [
+        f"# Benchmark results ({args.device}, size {args.size})", "",
+        f"Command: `python {' '.join(sys.argv)}`", "",
+        f"Shape: {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, {shape['num_attention_heads']} "
+        f"heads, FFN {shape['intermediate_size']}; batch {args.batch_size}; vocab {args.vocab_size}; {args.dtype}. "
+        f"Device: {before['device']}, {before['threads']} threads; torch {before['torch']}, transformers "
+        f"{before['transformers']}. Load average before {before['load_average'][0]:.2f}, after "
+        f"{after['load_average'][0]:.2f}. Warm-up {args.warmup}, median of {args.min_repeats}-{args.repeats} steps; "
+        f"limits {args.memory_limit_gb:g} GiB memory growth and {args.time_limit:g} s per configuration.", "",
+        "Cells: steps/s ratio (higher is faster) and peak-memory ratio (lower is better) against the baseline at "
+        "the same length; OOM = over the memory limit, time = over the time limit, — = skipped (it failed at a "
+        "shorter length, or its step time there, scaled linearly, already exceeds the time limit), n/a = the "
+        "baseline has no number there (see the absolute table).", "",
+        markdown_tables(rows, args),
+    ]
+    if checks:
+        lines += ["### Targets (issue 6, training step)", "", "| Target | Measured | Met |", "|---|---:|---|"]
+        lines += [f"| {target} | {measured} | {'—' if met is None else ('yes' if met else 'no')} |"
+                  for target, measured, met in checks]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def plot(rows: list[dict], args: BenchmarkArguments, output_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    paths = []
+    for mode in args.modes:
+        figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 5))
+        for name in MODELS:
+            points = [(int(r["seq_len"]), 1 / float(r["steps_per_s"]), float(r["peak_mem_mib"])) for r in rows
+                      if r["model"] == name and r["mode"] == mode and r["status"] == "ok"]
+            if not points:
+                continue
+            lengths, seconds, memory = zip(*points, strict=True)
+            style = dict(marker="o", linestyle="-" if name.startswith("luna") else "--", label=name,
+                         linewidth=2.5 if name in (BASELINE, FLOOR, LUNA_TARGET) else 1.2)
+            time_axis.plot(lengths, seconds, **style)
+            memory_axis.plot(lengths, [max(value, 1e-1) for value in memory], **style)
+        for axis, ylabel in ((time_axis, "seconds per step"), (memory_axis, "peak memory growth (MiB)")):
+            axis.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel=ylabel)
+            axis.set_xticks(args.lengths, [label(n) for n in args.lengths])
+            axis.grid(True, which="both", alpha=0.3)
+        memory_axis.legend(fontsize=8, ncol=2)
+        figure.suptitle(f"{mode}, size {args.size}, batch {args.batch_size}, {args.device}")
+        figure.tight_layout()
+        path = output_dir / f"{args.prefix}{mode}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def max_length_search(args: BenchmarkArguments, output_dir: Path) -> Path:
+    """Peak memory of a base-size Luna-16 training step at batch 1 is linear in the length (no n x n or n x l x d
+    tensor): measure it at `--search_lengths`, fit a line and solve it for the machine's memory."""
+    search = BenchmarkArguments(**{**asdict(args), "size": "base", "batch_size": 1, "warmup": 1, "repeats": 1,
+                                   "min_repeats": 1, "lengths": args.search_lengths})
+    on_gpu = args.device == "cuda"
+    budget = torch.cuda.get_device_properties(0).total_memory if on_gpu else (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    search.memory_limit_gb = budget / 2**30
+    context, points = new_context(), []
+    for n in tqdm(args.search_lengths, desc="max-length search"):
+        row = measure(context, search, LUNA_TARGET, "train", n)
+        if row["status"] != "ok":
+            raise RuntimeError(f"Max-length search: {row['status']} at {n} tokens ({row.get('error', '')}).")
+        points.append((n, float(row["peak_rss_mib"]), float(row["median_s"])))
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    intercept = mean_y - slope * mean_x
+    worst = max(abs(y - intercept - slope * x) for x, y in zip(xs, ys, strict=True))
+    longest = int((budget / 2**20 - intercept) / slope)
+    measured = ", ".join(f"{label(n)}: {rss / 1024:.2f} GiB in {sec:.1f} s" for n, rss, sec in points)
+    path = output_dir / f"{args.prefix}max_length.md"
+    path.write_text(
+        f"### Longest training sequence: base size (12/768/12/3072), Luna-16, batch 1, {args.dtype}\n\n"
+        f"Command: `python {' '.join(sys.argv)}`\n\nPeak {'GPU memory allocated' if on_gpu else 'process RSS'} "
+        f"of a training step (forward, backward, AdamW): {measured}. Linear fit: {intercept / 1024:.2f} GiB + "
+        f"{slope:.1f} MiB per 1K tokens (largest residual {worst:.0f} MiB), so the {budget / 2**30:.1f} GiB of this "
+        f"{'GPU' if on_gpu else 'machine'} hold about **{longest:,} tokens** ({longest / 1024:.0f}K) at batch 1.\n"
+    )
+    return path
+
+
+def profile_model(args: BenchmarkArguments, output_dir: Path) -> Path:
+    from torch.profiler import ProfilerActivity, profile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model(args.profile, args.size, args.profile_length, args.vocab_size).to(device)
+    step = make_step(model, "train", make_batch(asdict(args), args.profile_length, device), args.dtype, device)
+    for _ in range(max(1, args.warmup)):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as profiler:
+        for _ in range(args.min_repeats):
+            step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = profiler.key_averages()
+    path = output_dir / f"{args.prefix}profile_{args.profile}_{args.profile_length}.txt"
+    path.write_text(
+        f"{args.profile}, size {args.size}, length {args.profile_length}, batch {args.batch_size}, "
+        f"{args.min_repeats} training steps\n\n" + averages.table(sort_by=sort, row_limit=30) + "\n\nBy input shape:\n"
+        + profiler.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40, max_shapes_column_width=90)
+    )
+    return path
+
+
+def main():
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not args.prefix and args.device == "cuda":
+        args.prefix = "gpu_"
+    if args.profile:
+        print(f"Wrote {profile_model(args, output_dir)}")
+        return
+    if args.max_length_search:
+        path = max_length_search(args, output_dir)
+        print(path.read_text())
+        return
+    before = environment(args)
+    csv_path = output_dir / f"{args.prefix}results.csv"
+    rows = run_benchmark(args, csv_path)
+    after = environment(args)
+    markdown_path = output_dir / f"{args.prefix}results.md"
+    write_markdown(markdown_path, rows, args, before, after)
+    (output_dir / f"{args.prefix}environment.json").write_text(json.dumps(dict(before=before, after=after,
+                                                                               args=asdict(args)), indent=1))
+    plots = plot(rows, args, output_dir)
+    print(markdown_path.read_text())
+    print(f"Wrote {csv_path}, {markdown_path}" + "".join(f", {path}" for path in plots))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,592 @@
+#!/usr/bin/env python
+"""Pretrain Luna (or a same-size RoBERTa) with masked language modelling, driven by accelerate.
+
+Shaped like transformers' `examples/pytorch/language-modeling/run_mlm_no_trainer.py`, with its argument names, plus
+model presets, tokenizer training, atomic checkpoints with exact resume and long blocks. One process:
+
+    python scripts/pretrain_mlm.py --preset luna-small --train_tokenizer --vocab_size 8192 \
+        --train_file data/corpus/train.txt --validation_file data/corpus/validation.txt \
+        --max_seq_length 128 --max_train_steps 600 --output_dir outputs/luna-small
+
+Several GPUs or machines: the same arguments after
+`accelerate launch --config_file scripts/accelerate_configs/multi_gpu.yaml`. See docs/pretraining.md.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from datasets import load_dataset
+from tokenizers import AddedToken, ByteLevelBPETokenizer
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    HfArgumentParser,
+    RobertaTokenizer,
+    get_scheduler,
+)
+from transformers.trainer_pt_utils import get_parameter_names
+
+import luna_hf  # noqa: F401  (registers "luna" with the Auto classes)
+
+logger = get_logger(__name__)
+
+# Model sizes. luna-base is the paper's Table 8 model; luna-small runs on a 2-core CPU (a pipeline check).
+PRESETS = {
+    "luna-base": dict(
+        num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072, projected_length=128
+    ),
+    "luna-small": dict(
+        num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024, projected_length=32
+    ),
+}
+DATA_EXTENSIONS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: bos 0, pad 1, eos 2, unk 3
+STATE_FILE = "training_state.json"
+
+
+@dataclass
+class Arguments:
+    output_dir: str = field(metadata={"help": "Final model, tokenizer, checkpoints/, logs and TensorBoard events."})
+    # Data
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub (needs network)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    train_file: str | None = field(default=None, metadata={"help": "A txt/json/jsonl/csv/parquet training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "The same for validation."})
+    validation_split_percentage: float = field(
+        default=5, metadata={"help": "Share of the training data held out when there is no validation split."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the data instead of preparing it on disk."})
+    streaming_validation_examples: int = field(
+        default=1000, metadata={"help": "With --streaming and no validation split: raw examples held out."}
+    )
+    text_column_name: str | None = field(default=None, metadata={"help": "Default: `text`, else the first column."})
+    max_seq_length: int = field(default=512, metadata={"help": "Tokens per training block."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens masked (80/10/10)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
+    # Tokenizer and model
+    model_type: Literal["luna", "roberta"] = field(default="luna", metadata={"help": "Architecture to train."})
+    preset: Literal["luna-base", "luna-small"] | None = field(
+        default=None, metadata={"help": "Model size when training from scratch (default luna-base)."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": 'Config changes, e.g. "num_hidden_layers=6,projected_length=64".'}
+    )
+    config_name: str | None = field(default=None, metadata={"help": "A config folder or Hub id instead of a preset."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue training this model."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "A tokenizer folder or Hub id."})
+    train_tokenizer: bool = field(default=False, metadata={"help": "Train a byte-level BPE on the training text."})
+    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size for --train_tokenizer."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+    # Optimisation (defaults: the paper's Table 8)
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 6e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "linear"
+    num_warmup_steps: int | None = field(default=None, metadata={"help": "Default: 6%% of the training steps."})
+    num_train_epochs: int = 1
+    max_train_steps: int | None = field(default=None, metadata={"help": "Overrides --num_train_epochs."})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "Default: whatever `accelerate launch`/`accelerate config` says."}
+    )
+    seed: int = 42
+    # Checkpoints, logging, evaluation, output
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the full state every N steps."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or `latest` (the newest in output_dir/checkpoints)."}
+    )
+    logging_steps: int = 10
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and always at the end)."})
+    with_tracking: bool = field(default=False, metadata={"help": "Log to --report_to (default tensorboard)."})
+    report_to: str | None = field(default=None, metadata={"help": "tensorboard, wandb, ... (implies tracking)."})
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+
+    def __post_init__(self):
+        if not (self.dataset_name or self.train_file):
+            raise ValueError("Pass --dataset_name or --train_file.")
+        for path in (self.train_file, self.validation_file):
+            if path is None:
+                continue
+            if Path(path).suffix.lstrip(".") not in DATA_EXTENSIONS:
+                raise ValueError(f"{path}: data files must end in one of {sorted(DATA_EXTENSIONS)}.")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: no such file.")
+        if not (self.tokenizer_name or self.train_tokenizer or self.model_name_or_path):
+            raise ValueError("Pass --tokenizer_name, --model_name_or_path, or --train_tokenizer --vocab_size N.")
+        if self.train_tokenizer and self.streaming:
+            raise ValueError(
+                "--train_tokenizer reads the whole training split; with --streaming pass --tokenizer_name."
+            )
+        if self.streaming and self.max_train_steps is None:
+            raise ValueError("--streaming data has no length: pass --max_train_steps.")
+        if self.report_to == "none":
+            self.report_to, self.with_tracking = None, False
+        elif self.report_to or self.with_tracking:
+            self.report_to, self.with_tracking = self.report_to or "tensorboard", True
+
+
+def load_raw_datasets(args: Arguments):
+    """The raw text as a DatasetDict (IterableDatasetDict with --streaming) with `train` and `validation`."""
+    if args.dataset_name:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
+    else:
+        data_files = {"train": args.train_file}
+        if args.validation_file:
+            data_files["validation"] = args.validation_file
+        builder = DATA_EXTENSIONS[Path(args.train_file).suffix.lstrip(".")]
+        raw = load_dataset(builder, data_files=data_files, streaming=args.streaming)
+    if "validation" not in raw:
+        if args.streaming:
+            raw["validation"] = raw["train"].take(args.streaming_validation_examples)
+            raw["train"] = raw["train"].skip(args.streaming_validation_examples)
+        else:
+            split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+            raw["train"], raw["validation"] = split["train"], split["test"]
+    return raw
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, max_length: int) -> RobertaTokenizer:
+    """A byte-level BPE trained with `tokenizers`, wrapped as RoBERTa's tokenizer (same special tokens and ids)."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS)
+    model = json.loads(bpe._tokenizer.to_str())["model"]
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in model["merges"]]
+    return RobertaTokenizer(
+        vocab=model["vocab"],
+        merges=merges,
+        mask_token=AddedToken("<mask>", lstrip=True, rstrip=False),  # as roberta-base: "a <mask>" masks " word"
+        model_max_length=max_length,
+    )
+
+
+def load_tokenizer(args: Arguments, raw, text_column: str, accelerator: Accelerator):
+    saved = Path(args.output_dir) / "tokenizer_config.json"
+    if args.train_tokenizer and args.resume_from_checkpoint and saved.exists():
+        return AutoTokenizer.from_pretrained(args.output_dir)  # the run's own tokenizer: ids must not change
+    if not args.train_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+        if tokenizer.mask_token is None or tokenizer.pad_token is None:
+            raise ValueError(f"{args.tokenizer_name or args.model_name_or_path}: MLM needs a mask and a pad token.")
+        return tokenizer
+    with accelerator.main_process_first():  # the main process trains and saves it, the others load that
+        if accelerator.is_main_process:
+            logger.info(f"Training a byte-level BPE tokenizer with {args.vocab_size} tokens")
+            batches = (batch[text_column] for batch in raw["train"].iter(batch_size=1000))
+            tokenizer = train_bpe_tokenizer(batches, args.vocab_size, args.max_seq_length)
+            tokenizer.save_pretrained(args.output_dir)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
+    return tokenizer
+
+
+def build_model(args: Arguments, tokenizer):
+    if args.model_name_or_path:
+        model = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        if args.config_name:
+            config = AutoConfig.from_pretrained(args.config_name)
+        else:
+            sizes = dict(PRESETS[args.preset or "luna-base"])
+            if args.model_type == "roberta":  # the same size without Luna's P; one token type, eps as roberta-base
+                sizes.pop("projected_length")
+                sizes.update(type_vocab_size=1, layer_norm_eps=1e-5)
+            config = AutoConfig.for_model(
+                args.model_type, **sizes, max_position_embeddings=args.max_seq_length + tokenizer.pad_token_id + 1
+            )
+        config.update(
+            dict(
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+        if args.config_overrides:
+            config.update_from_string(args.config_overrides)
+        model = AutoModelForMaskedLM.from_config(config)
+    longest = model.config.max_position_embeddings - model.config.pad_token_id - 1
+    if args.max_seq_length > longest:
+        raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's {longest} positions.")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def group_texts(examples, block_size: int):
+    """Concatenate the tokenized texts and cut them into full blocks (the remainder is dropped)."""
+    concatenated = {key: list(chain(*values)) for key, values in examples.items()}
+    total = len(concatenated["input_ids"]) // block_size * block_size
+    return {key: [ids[i : i + block_size] for i in range(0, total, block_size)] for key, ids in concatenated.items()}
+
+
+def tokenize_into_blocks(args: Arguments, raw, tokenizer, text_column: str, accelerator: Accelerator):
+    def tokenize(examples):
+        return tokenizer(examples[text_column], return_special_tokens_mask=True, verbose=False)
+
+    def options(description):
+        if args.streaming:
+            return {}
+        return {"num_proc": args.preprocessing_num_workers, "desc": description}
+
+    columns = raw["train"].column_names or list(next(iter(raw["train"])).keys())
+    with accelerator.main_process_first():
+        tokenized = raw.map(tokenize, batched=True, remove_columns=columns, **options("Tokenizing"))
+        blocks = tokenized.map(
+            group_texts,
+            batched=True,
+            fn_kwargs={"block_size": args.max_seq_length},
+            **options(f"Grouping into blocks of {args.max_seq_length}"),
+        )
+    train, validation = blocks["train"], blocks["validation"]
+    if args.max_eval_samples is not None:
+        validation = validation.take(args.max_eval_samples)
+    if not args.streaming:
+        for name, split in (("training", train), ("validation", validation)):
+            if len(split) == 0:
+                raise ValueError(
+                    f"The {name} data holds fewer than {args.max_seq_length} tokens per map batch, so no block "
+                    "could be built; give more text or lower --max_seq_length."
+                )
+        logger.info(f"{len(train)} training and {len(validation)} validation blocks of {args.max_seq_length} tokens")
+    else:
+        train = train.shuffle(seed=args.seed, buffer_size=10_000)
+    return train, validation
+
+
+class PositionSeededCollator:
+    """Masks each batch with a generator seeded by (seed, process, epoch, batch index) instead of the global RNG.
+
+    accelerate's dataloader collates one batch ahead, and a resumed run never collates the batches it skips, so masks
+    drawn from a shared RNG would shift after a resume; drawn this way they are the same as in an uninterrupted run.
+    """
+
+    def __init__(self, collator: DataCollatorForLanguageModeling, seed: int, process_index: int):
+        self.collator, self.seed, self.process_index = collator, seed, process_index
+        self.collator.generator = torch.Generator()
+        self.start(epoch=0, batch_index=0)
+
+    def start(self, epoch: int, batch_index: int) -> None:
+        self.epoch, self.batch_index = epoch, batch_index
+
+    def __call__(self, examples):
+        key = (self.seed, self.process_index, self.epoch, self.batch_index)
+        self.collator.generator.manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:7], "little"))
+        self.batch_index += 1
+        return self.collator(examples)
+
+
+def without_global_rng(batches):
+    """Iterate `batches` so that loading them never draws from the global RNG, which dropout uses.
+
+    accelerate's dispatcher for streamed data draws a seed from it whenever an epoch's iteration starts; a resumed
+    run starts iterating at another moment than an uninterrupted one, so such draws would shift later dropout masks.
+    """
+    iterator = iter(batches)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def optimizer_for(args: Arguments, model) -> torch.optim.AdamW:
+    """AdamW as in Table 8; biases and LayerNorm weights get no weight decay."""
+    decay = {name for name in get_parameter_names(model, [torch.nn.LayerNorm]) if not name.endswith("bias")}
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+    )
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, collator: PositionSeededCollator, accelerator: Accelerator) -> dict:
+    """MLM loss (per masked token), perplexity and masked-token accuracy on the validation blocks."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    collator.start(epoch=0, batch_index=0)  # the same masks at every evaluation
+    for batch in without_global_rng(dataloader):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        masked = labels != -100
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        correct = (logits.argmax(-1) == labels) & masked
+        per_row = torch.stack([nll.sum(1), masked.sum(1), correct.sum(1)], dim=1).double()
+        totals += accelerator.gather_for_metrics(per_row).sum(0)
+    model.train()
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_accuracy": (totals[2] / totals[1]).item()}
+
+
+def checkpoints(output_dir: str) -> list[Path]:
+    """Complete checkpoints, oldest first (partial saves live in `.tmp-*` folders and are never listed)."""
+    folder = Path(output_dir) / "checkpoints"
+    found = [path for path in folder.glob("step_*") if path.name[5:].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda path: int(path.name[5:]))
+
+
+def save_checkpoint(accelerator: Accelerator, args: Arguments, state: dict) -> None:
+    """`accelerator.save_state` into a temporary folder, renamed once complete: a killed save leaves no checkpoint."""
+    final = Path(args.output_dir) / "checkpoints" / f"step_{state['completed_steps']}"
+    partial = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        if args.checkpoints_total_limit:
+            for old in checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"Saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, args: Arguments) -> dict | None:
+    """Restore model, optimizer, scheduler and RNG states; return the saved step counters (None: start afresh)."""
+    found = checkpoints(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        if not found:
+            logger.info(f"No checkpoint in {args.output_dir}/checkpoints yet: starting from scratch")
+            return None
+        path = found[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+    earlier = [str(candidate) for candidate in found if candidate.resolve() != path.resolve()]
+    try:
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{STATE_FILE} is missing, so the save did not finish")
+        state = json.loads((path / STATE_FILE).read_text())
+        accelerator.load_state(str(path))
+    except Exception as error:
+        hint = f" The previous checkpoint is {earlier[-1]}: pass it to --resume_from_checkpoint." if earlier else ""
+        raise RuntimeError(f"Checkpoint {path} is corrupt or incomplete ({error}).{hint}") from error
+    logger.info(f"Resumed from {path} at step {state['completed_steps']}")
+    return state
+
+
+def main():
+    (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,
+        # The shuffling order is a function of (seed, epoch), so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Luna's last layer updates P, which the MLM head never reads: DDP must expect parameters without gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.model_type == "luna")],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    raw = load_raw_datasets(args)
+    columns = raw["train"].column_names or list(next(iter(raw["train"])).keys())
+    text_column = args.text_column_name or ("text" if "text" in columns else columns[0])
+    tokenizer = load_tokenizer(args, raw, text_column, accelerator)
+    tokenizer.model_max_length = args.max_seq_length
+    model = build_model(args, tokenizer)
+    model_type, num_parameters = model.config.model_type, model.num_parameters()
+    train_dataset, eval_dataset = tokenize_into_blocks(args, raw, tokenizer, text_column, accelerator)
+
+    train_collator, eval_collator = (
+        PositionSeededCollator(
+            DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability),
+            args.seed,
+            accelerator.process_index,
+        )
+        for _ in range(2)
+    )
+    train_dataloader = DataLoader(
+        train_dataset,
+        shuffle=not args.streaming,
+        collate_fn=train_collator,
+        batch_size=args.per_device_train_batch_size,
+    )
+    eval_dataloader = DataLoader(eval_dataset, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size)
+    if args.max_train_steps is None:
+        batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+        args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = round(0.06 * args.max_train_steps)
+    optimizer = optimizer_for(args, model)
+    # The training loop steps the scheduler once per optimizer step (step_scheduler_with_optimizer=False).
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+    # One call, as DeepSpeed and FSDP need: the model, its optimizer and scheduler are wrapped together.
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
+    )
+    if args.with_tracking:
+        hparams = {
+            key: value if isinstance(value, int | float | str | bool) else str(value)
+            for key, value in asdict(args).items()
+        }
+        hparams.pop("hub_token")
+        accelerator.init_trackers("tensorboard", config=hparams)
+
+    state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "tokens_seen": 0}
+    if args.resume_from_checkpoint:
+        state = load_checkpoint(accelerator, args) or state
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training {model_type}: {num_parameters / 1e6:.1f}M "
+        f"parameters, {args.max_train_steps} steps of {total_batch} blocks x {args.max_seq_length} tokens *****"
+    )
+
+    log_file = Path(args.output_dir) / "log_history.jsonl"
+    progress = tqdm(
+        total=args.max_train_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process
+    )
+    losses, window_tokens, logged_tokens = [], 0, 0
+    window_start = train_start = time.perf_counter()
+
+    def log(record: dict) -> None:
+        record = {"step": state["completed_steps"], **record}
+        if accelerator.is_local_main_process:
+            tqdm.write(json.dumps(record))
+        if accelerator.is_main_process:
+            with open(log_file, "a") as file:
+                file.write(json.dumps(record) + "\n")
+        if args.with_tracking:
+            accelerator.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])
+
+    model.train()
+    while state["completed_steps"] < args.max_train_steps:
+        train_dataloader.set_epoch(state["epoch"])
+        batches = train_dataloader
+        # Streamed data is skipped by collating and dropping batches, so the batch index then starts at 0.
+        train_collator.start(state["epoch"], 0 if args.streaming else state["batches_in_epoch"])
+        if state["batches_in_epoch"]:
+            batches = accelerator.skip_first_batches(train_dataloader, state["batches_in_epoch"])
+        for batch in without_global_rng(batches):
+            state["batches_in_epoch"] += 1
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                optimizer.zero_grad()
+            losses.append(loss.detach())
+            window_tokens += batch["input_ids"].numel() * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state["completed_steps"] += 1
+            state["tokens_seen"] += window_tokens - logged_tokens
+            logged_tokens = window_tokens
+            progress.update(1)
+            step = state["completed_steps"]
+            if step % args.logging_steps == 0 or step == args.max_train_steps:
+                train_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+                log(
+                    {
+                        "train_loss": train_loss,
+                        "learning_rate": lr_scheduler.get_last_lr()[0],
+                        "tokens_per_second": window_tokens / (time.perf_counter() - window_start),
+                        "tokens_seen": state["tokens_seen"],
+                        "epoch": state["epoch"],
+                    }
+                )
+                progress.set_postfix(loss=f"{train_loss:.3f}")
+                losses, window_tokens, logged_tokens, window_start = [], 0, 0, time.perf_counter()
+            if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
+                log(evaluate(model, eval_dataloader, eval_collator, accelerator))
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, state)
+            if step >= args.max_train_steps:
+                break
+        if state["batches_in_epoch"] == 0:
+            raise ValueError("The training data yielded no batch.")
+        if state["completed_steps"] < args.max_train_steps:  # the epoch ran out: start the next one
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    progress.close()
+    train_runtime = time.perf_counter() - train_start
+
+    metrics = evaluate(model, eval_dataloader, eval_collator, accelerator)
+    log(metrics)
+    if args.with_tracking:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).save_pretrained(
+        args.output_dir,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(model),
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        results = {
+            **metrics,
+            "train_runtime": train_runtime,
+            "tokens_seen": state["tokens_seen"],
+            "step": state["completed_steps"],
+        }
+        (Path(args.output_dir) / "all_results.json").write_text(json.dumps(results, indent=2))
+        logger.info(f"Saved the model and tokenizer to {args.output_dir}: {results}")
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=args.hub_token)
+            repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                ignore_patterns=["checkpoints/*"],
+                commit_message="End of training",
+            )
+            logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Smoke test of scripts/benchmark.py: tiny models, two lengths, real subprocesses and limits; no timing assertions."""
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+
+
+def run_benchmark(output_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), "--output_dir", str(output_dir), "--threads", "1", "--warmup", "1",
+               "--repeats", "2", "--min_repeats", "1", "--measure_seconds", "0.1", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_rows(output_dir: Path) -> dict:
+    with open(output_dir / "results.csv") as handle:
+        return {(row["model"], row["mode"], int(row["seq_len"])): row for row in csv.DictReader(handle)}
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("benchmark")
+    # 150 MiB of growth: enough for the tiny Luna and floor at 2048 tokens (~60 MiB), not for RoBERTa's 2048 x 2048
+    # attention maps in training (~280 MiB).
+    run_benchmark(output_dir, "--size", "tiny", "--lengths", "64", "2048", "--models", "luna-16", "roberta-sdpa",
+                  "floor", "--memory_limit_gb", "0.15", "--time_limit", "120")
+    return output_dir
+
+
+def test_every_configuration_is_a_row(grid):
+    rows = read_rows(grid)
+    assert set(rows) == {(model, mode, n) for model in ("luna-16", "roberta-sdpa", "floor")
+                         for mode in ("train", "inference") for n in (64, 2048)}
+    for key, row in rows.items():
+        if key != ("roberta-sdpa", "train", 2048):
+            assert row["status"] == "ok", row
+            assert float(row["steps_per_s"]) > 0 and float(row["tokens_per_s"]) > 0
+            assert 1 <= int(row["repeats"]) <= 2
+            assert float(row["peak_mem_mib"]) >= 0
+
+
+def test_memory_limit_is_recorded_as_oom(grid):
+    row = read_rows(grid)["roberta-sdpa", "train", 2048]
+    assert row["status"] == "oom", row
+    assert "allocate" in row["error"]
+
+
+def test_markdown_has_table_2_layout_and_targets(grid):
+    text = (grid / "results.md").read_text()
+    assert "| Model | steps/s 64 | steps/s 2K | memory 64 | memory 2K |" in text
+    # The baseline against itself; then OOM where it ran out of memory, n/a for the others at that length.
+    assert "| roberta-sdpa | 1.0 | OOM | 1.00 | OOM |" in text
+    luna = next(line for line in text.splitlines() if line.startswith("| luna-16 |"))
+    assert luna.count("n/a") == 2
+    assert "128: Luna-16 step time" in text and "2K: Luna-16 step time ≤ 1.3× the attention-free floor's" in text
+
+
+def test_plots_are_written(grid):
+    pytest.importorskip("matplotlib")
+    for mode in ("train", "inference"):
+        assert (grid / f"{mode}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_time_limit_is_recorded_and_longer_lengths_skipped(tmp_path):
+    run_benchmark(tmp_path, "--size", "small", "--lengths", "4096", "8192", "--models", "roberta-eager",
+                  "--modes", "train", "--time_limit", "0.5")
+    rows = read_rows(tmp_path)
+    assert rows["roberta-eager", "train", 4096]["status"] == "timeout"
+    assert rows["roberta-eager", "train", 8192]["status"] == "skipped"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bad_arguments_are_refused(script):
+    with pytest.raises(ValueError, match="unknown model 'gpt'"):
+        script.BenchmarkArguments(models=["gpt"])
+    with pytest.raises(ValueError, match="min_repeats"):
+        script.BenchmarkArguments(repeats=1, min_repeats=3)
+
+
+def test_attention_free_floor_has_no_attention_parameters(script):
+    floor = script.build_model("floor", "tiny", 64, 512)
+    roberta = script.build_model("roberta-sdpa", "tiny", 64, 512)
+    names = {name for name, _ in floor.named_parameters()}
+    assert not any(".attention." in name for name in names)
+    assert names < {name for name, _ in roberta.named_parameters()}

@@ -1,0 +1,302 @@
+"""End-to-end tests of scripts/pretrain_mlm.py on a tiny corpus written here: offline, CPU, tiny models.
+
+Every run is a subprocess (`sys.executable scripts/pretrain_mlm.py ...`), as users run it.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "pretrain_mlm.py"
+TINY = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,intermediate_size=64,projected_length=8"
+TINY_ROBERTA = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,intermediate_size=64"
+
+NOUNS = "cat dog bird horse farmer teacher river city garden window letter engine".split()
+VERBS = "sees finds likes follows paints builds opens reads carries watches".split()
+ADJECTIVES = "small old green quiet bright heavy young strange".split()
+
+
+def sentences(count: int, seed: int) -> list[str]:
+    """Lines of a small grammar: enough structure for a tiny model to learn within a few dozen steps."""
+    rng = random.Random(seed)
+    return [
+        " ".join(
+            f"The {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the {rng.choice(NOUNS)}."
+            for _ in range(3)
+        )
+        for _ in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    (root / "train.txt").write_text("\n".join(sentences(1500, seed=0)) + "\n")
+    (root / "validation.txt").write_text("\n".join(sentences(300, seed=1)) + "\n")
+    return root
+
+
+def command(workdir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(SCRIPT), "--output_dir", str(output_dir),
+        "--train_file", str(workdir / "train.txt"), "--validation_file", str(workdir / "validation.txt"),
+        "--preset", "luna-small", "--config_overrides", TINY, "--max_seq_length", "32",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--max_eval_samples", "32",
+        "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "7", *extra,
+    ]  # fmt: skip
+
+
+def environment(workdir: Path) -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(workdir / "hf_home"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def run(workdir: Path, output_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command(workdir, output_dir, *extra), env=environment(workdir), capture_output=True, text=True, timeout=300
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"pretrain_mlm.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def history(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log_history.jsonl").read_text().splitlines()]
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    """Training loss per step; after a resume the later record of a step wins."""
+    return {record["step"]: record["train_loss"] for record in history(output_dir) if "train_loss" in record}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir):
+    """A 40-step Luna run that trains its own tokenizer and saves a checkpoint every 10 steps."""
+    output_dir = workdir / "uninterrupted"
+    run(
+        workdir, output_dir, "--train_tokenizer", "--vocab_size", "400", "--max_train_steps", "40",
+        "--checkpointing_steps", "10",
+    )  # fmt: skip
+    return output_dir
+
+
+def test_loss_falls_and_outputs_are_complete(uninterrupted):
+    losses = train_losses(uninterrupted)
+    assert sorted(losses) == list(range(1, 41))
+    results = json.loads((uninterrupted / "all_results.json").read_text())
+    assert results["step"] == 40
+    # From about ln(400) = 6 for the untrained model to well below it.
+    assert losses[1] > 5.0
+    assert results["eval_loss"] < losses[1] - 2.0, (losses[1], results)
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert 0.1 < results["eval_accuracy"] <= 1.0  # chance: 1/400
+    assert [path.name for path in sorted((uninterrupted / "checkpoints").iterdir())] == [
+        "step_10", "step_20", "step_30", "step_40"
+    ]  # fmt: skip
+    config = json.loads((uninterrupted / "config.json").read_text())
+    vocabulary = json.loads((uninterrupted / "tokenizer.json").read_text())["model"]["vocab"]
+    assert config["model_type"] == "luna" and config["vocab_size"] == len(vocabulary) <= 400
+    assert [vocabulary[token] for token in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")] == [0, 1, 2, 3, 4]
+    assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (1, 0, 2)
+    assert config["max_position_embeddings"] == 32 + 2
+    assert (uninterrupted / "modeling_luna.py").is_file() and (uninterrupted / "tokenizer.json").is_file()
+
+
+def test_roberta_trains_through_the_same_pipeline(workdir, uninterrupted):
+    output_dir = workdir / "roberta"
+    run(
+        workdir, output_dir, "--model_type", "roberta", "--config_overrides", TINY_ROBERTA,
+        "--tokenizer_name", str(uninterrupted), "--max_train_steps", "40",
+    )  # fmt: skip
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["model_type"] == "roberta" and config["hidden_size"] == 32 and config["type_vocab_size"] == 1
+    losses = train_losses(output_dir)
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_loss"] < losses[1] - 2.0, (losses[1], results)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(workdir, uninterrupted):
+    output_dir = workdir / "killed"
+    process = subprocess.Popen(
+        command(
+            workdir, output_dir, "--train_tokenizer", "--vocab_size", "400", "--max_train_steps", "40",
+            "--checkpointing_steps", "10",
+        ),
+        env=environment(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (output_dir / "checkpoints" / "step_10").exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output_dir / "all_results.json").exists(), "the run finished before it could be killed"
+    killed_at = max(train_losses(output_dir))
+
+    run(
+        workdir, output_dir, "--train_tokenizer", "--vocab_size", "400", "--max_train_steps", "40",
+        "--checkpointing_steps", "10", "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    resumed, reference = train_losses(output_dir), train_losses(uninterrupted)
+    assert killed_at >= 10 and sorted(resumed) == list(range(1, 41))
+    assert [resumed[step] for step in range(11, 41)] == pytest.approx(
+        [reference[step] for step in range(11, 41)], rel=1e-6, abs=1e-6
+    )
+    final = json.loads((output_dir / "all_results.json").read_text())
+    assert final["eval_loss"] == pytest.approx(
+        json.loads((uninterrupted / "all_results.json").read_text())["eval_loss"], rel=1e-6
+    )
+
+
+def test_corrupt_checkpoint_is_named_and_the_previous_one_resumes(workdir, uninterrupted):
+    output_dir = workdir / "corrupt"
+    shutil.copytree(uninterrupted, output_dir)
+    (output_dir / "log_history.jsonl").unlink()
+    weights = output_dir / "checkpoints" / "step_40" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (output_dir / "checkpoints" / ".tmp-step_50").mkdir()  # what a save killed half-way leaves: never "latest"
+
+    failed = run(
+        workdir, output_dir, "--tokenizer_name", str(output_dir), "--max_train_steps", "40",
+        "--resume_from_checkpoint", "latest", check=False,
+    )  # fmt: skip
+    assert failed.returncode != 0
+    assert f"Checkpoint {output_dir / 'checkpoints' / 'step_40'} is corrupt or incomplete" in failed.stderr
+    assert f"previous checkpoint is {output_dir / 'checkpoints' / 'step_30'}" in failed.stderr
+
+    run(
+        workdir, output_dir, "--tokenizer_name", str(output_dir), "--max_train_steps", "40",
+        "--checkpointing_steps", "10", "--resume_from_checkpoint", str(output_dir / "checkpoints" / "step_30"),
+    )  # fmt: skip
+    resumed, reference = train_losses(output_dir), train_losses(uninterrupted)
+    assert sorted(resumed) == list(range(31, 41))
+    assert [resumed[step] for step in resumed] == pytest.approx([reference[step] for step in resumed], rel=1e-6)
+
+
+def test_long_blocks_of_4096_tokens(workdir, uninterrupted):
+    output_dir = workdir / "long"
+    run(
+        workdir, output_dir, "--tokenizer_name", str(uninterrupted), "--max_seq_length", "4096",
+        "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1", "--max_eval_samples", "1",
+        "--max_train_steps", "2", "--gradient_checkpointing",
+    )  # fmt: skip
+    records = history(output_dir)
+    assert [record["tokens_seen"] for record in records if "train_loss" in record] == [4096, 8192]
+    assert all(math.isfinite(record.get("train_loss", record.get("eval_loss"))) for record in records)
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["max_position_embeddings"] == 4096 + 2
+
+
+def test_tensorboard_receives_the_training_logs(workdir, uninterrupted):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir = workdir / "tensorboard"
+    run(
+        workdir, output_dir, "--tokenizer_name", str(uninterrupted), "--max_train_steps", "4", "--logging_steps", "2",
+        "--eval_steps", "2", "--report_to", "tensorboard",
+    )  # fmt: skip
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "learning_rate", "tokens_per_second", "eval_loss", "eval_accuracy"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert [event.step for event in events.Scalars("train_loss")] == [2, 4]
+    assert [event.step for event in events.Scalars("eval_loss")] == [2, 4]
+
+
+def test_two_processes_with_the_shipped_ddp_config(workdir, uninterrupted):
+    """`accelerate launch` with scripts/accelerate_configs/multi_gpu.yaml, run as 2 CPU processes (gloo)."""
+    output_dir = workdir / "ddp"
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "scripts" / "accelerate_configs" / "multi_gpu.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no",
+    ]  # fmt: skip
+    arguments = command(
+        workdir, output_dir, "--tokenizer_name", str(uninterrupted), "--max_train_steps", "6",
+        "--checkpointing_steps", "3", "--logging_steps", "3",
+    )[1:]  # fmt: skip
+    result = subprocess.run(
+        launcher + arguments,
+        env={**environment(workdir), "ACCELERATE_USE_CPU": "true"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Num processes: 2" in result.stderr
+    # Each optimizer step sees 2 processes x 4 blocks x 32 tokens; each process saved its own RNG state.
+    assert [record["tokens_seen"] for record in history(output_dir) if "train_loss" in record] == [768, 1536]
+    assert sorted(path.name for path in (output_dir / "checkpoints" / "step_6").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"
+    ]  # fmt: skip
+    assert json.loads((output_dir / "all_results.json").read_text())["step"] == 6
+
+
+LOAD_WITHOUT_LUNA_HF = """
+import sys
+
+class BlockLunaHf:
+    def find_spec(self, name, path=None, target=None):
+        if name == "luna_hf" or name.startswith("luna_hf."):
+            raise ImportError("luna_hf is blocked in this process")
+
+sys.meta_path.insert(0, BlockLunaHf())
+from transformers import AutoModelForMaskedLM, pipeline
+
+folder = sys.argv[1]
+model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+fill = pipeline("fill-mask", model=folder, trust_remote_code=True)
+predictions = fill("The old dog <mask> the river.")
+assert len(predictions) == 5 and all(0.0 <= p["score"] <= 1.0 for p in predictions)
+try:
+    import luna_hf  # noqa: F401
+except ImportError:
+    print("OK", type(model).__name__, predictions[0]["token_str"])
+"""
+
+
+def test_output_loads_with_auto_class_and_pipeline_without_luna_hf(workdir, uninterrupted):
+    env = {key: value for key, value in environment(workdir).items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_LUNA_HF, str(uninterrupted)],
+        cwd="/tmp", env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.startswith("OK LunaForMaskedLM")
+
+
+@pytest.mark.parametrize(
+    "train_file, extra, message",
+    [
+        ("corpus.xyz", {"train_tokenizer": True}, "data files must end in one of"),
+        ("missing.txt", {"train_tokenizer": True}, "missing.txt: no such file"),
+        ("train.txt", {}, "Pass --tokenizer_name, --model_name_or_path, or --train_tokenizer"),
+        ("train.txt", {"train_tokenizer": True, "streaming": True}, "with --streaming pass --tokenizer_name"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(workdir, train_file, extra, message):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from pretrain_mlm import Arguments
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    (workdir / "corpus.xyz").write_text("text\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        Arguments(output_dir=str(workdir / "unused"), train_file=str(workdir / train_file), **extra)
