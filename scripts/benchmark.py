@@ -60,6 +60,8 @@ SIZES = {  # layers, width, heads, FFN
 MODELS = {
     **{f"luna-{length}{suffix}": ("luna", dict(projected_length=length, attn_implementation=attn))
        for length in (16, 128, 256) for suffix, attn in (("", "sdpa"), ("-eager", "eager"))},
+    # luna-16 recomputing each layer's activations in the backward pass: memory for time (not part of the targets).
+    "luna-16-checkpointing": ("luna", dict(gradient_checkpointing=True)),
     "roberta-sdpa": ("roberta", dict(attn_implementation="sdpa")),
     "roberta-sdpa-nodrop": ("roberta", dict(attn_implementation="sdpa", attention_probs_dropout_prob=0.0)),
     "roberta-eager": ("roberta", dict(attn_implementation="eager")),
@@ -139,6 +141,10 @@ def build_model(name: str, size: str, seq_len: int, vocab_size: int) -> nn.Modul
     common = dict(SIZES[size], vocab_size=vocab_size, num_labels=2, hidden_dropout_prob=0.1,
                   attention_probs_dropout_prob=0.1, pad_token_id=1)
     common.update(settings)
+    if common.pop("gradient_checkpointing", False):
+        model = build_model(name.removesuffix("-checkpointing"), size, seq_len, vocab_size)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
     # Learned positions for every model: RoBERTa-style tables are offset by pad_token_id + 1.
     if family == "luna":
         return LunaForSequenceClassification(LunaConfig(**common, max_position_embeddings=seq_len + 2))
@@ -464,14 +470,15 @@ def plot(rows: list[dict], args: BenchmarkArguments, output_dir: Path) -> list[P
     paths = []
     for mode in args.modes:
         figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 5))
-        for name in MODELS:
+        colors = plt.get_cmap("tab20").colors  # 20 distinct colours: one per model
+        for index, name in enumerate(MODELS):
             points = [(int(r["seq_len"]), 1 / float(r["steps_per_s"]), float(r["peak_mem_mib"])) for r in rows
                       if r["model"] == name and r["mode"] == mode and r["status"] == "ok"]
             if not points:
                 continue
             lengths, seconds, memory = zip(*points, strict=True)
             style = dict(marker="o", linestyle="-" if name.startswith("luna") else "--", label=name,
-                         linewidth=2.5 if name in (BASELINE, FLOOR, LUNA_TARGET) else 1.2)
+                         color=colors[index], linewidth=2.5 if name in (BASELINE, FLOOR, LUNA_TARGET) else 1.2)
             time_axis.plot(lengths, seconds, **style)
             memory_axis.plot(lengths, [max(value, 1e-1) for value in memory], **style)
         for axis, ylabel in ((time_axis, "seconds per step"), (memory_axis, "peak memory growth (MiB)")):

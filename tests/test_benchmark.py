@@ -97,3 +97,11 @@ def test_attention_free_floor_has_no_attention_parameters(script):
     names = {name for name, _ in floor.named_parameters()}
     assert not any(".attention." in name for name in names)
     assert names < {name for name, _ in roberta.named_parameters()}
+
+
+def test_checkpointing_variant_is_luna_16_with_recomputation(script):
+    plain = script.build_model("luna-16", "tiny", 64, 512)
+    recomputing = script.build_model("luna-16-checkpointing", "tiny", 64, 512)
+    assert recomputing.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert recomputing.config.projected_length == 16 == plain.config.projected_length
+    assert plain.state_dict().keys() == recomputing.state_dict().keys()
