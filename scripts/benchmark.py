@@ -522,7 +522,7 @@ def max_length_search(args: BenchmarkArguments, output_dir: Path) -> Path:
         f"### Longest training sequence: base size (12/768/12/3072), Luna-16, batch 1, {args.dtype}\n\n"
         f"Command: `python {' '.join(sys.argv)}`\n\nPeak {'GPU memory allocated' if on_gpu else 'process RSS'} "
         f"of a training step (forward, backward, AdamW): {measured}. Linear fit: {intercept / 1024:.2f} GiB + "
-        f"{slope:.1f} MiB per 1K tokens (largest residual {worst:.0f} MiB), so the {budget / 2**30:.1f} GiB of this "
+        f"{slope:.2f} GiB per 1K tokens (largest residual {worst:.0f} MiB), so the {budget / 2**30:.1f} GiB of this "
         f"{'GPU' if on_gpu else 'machine'} hold about **{longest:,} tokens** ({longest / 1024:.0f}K) at batch 1.\n"
     )
     return path
