@@ -138,13 +138,13 @@ class AttentionFree(nn.Module):
 
 def build_model(name: str, size: str, seq_len: int, vocab_size: int) -> nn.Module:
     family, settings = MODELS[name]
-    common = dict(SIZES[size], vocab_size=vocab_size, num_labels=2, hidden_dropout_prob=0.1,
-                  attention_probs_dropout_prob=0.1, pad_token_id=1)
-    common.update(settings)
-    if common.pop("gradient_checkpointing", False):
+    if settings.get("gradient_checkpointing"):
         model = build_model(name.removesuffix("-checkpointing"), size, seq_len, vocab_size)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+    common = dict(SIZES[size], vocab_size=vocab_size, num_labels=2, hidden_dropout_prob=0.1,
+                  attention_probs_dropout_prob=0.1, pad_token_id=1)
+    common.update(settings)
     # Learned positions for every model: RoBERTa-style tables are offset by pad_token_id + 1.
     if family == "luna":
         return LunaForSequenceClassification(LunaConfig(**common, max_position_embeddings=seq_len + 2))
