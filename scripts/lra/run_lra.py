@@ -1,0 +1,383 @@
+#!/usr/bin/env python
+"""Train and test Luna or a same-size Transformer on a Long Range Arena task, with the `Trainer`.
+
+    python scripts/lra/listops.py --output_dir data/lra/listops
+    python scripts/lra/run_lra.py --task listops --data_dir data/lra/listops --model luna --projected_length 16
+    python scripts/lra/run_lra.py --task listops --data_dir data/lra/listops --model transformer
+
+`--config paper` is the paper's Table 7 recipe on the authors' LRA architectures (`luna_lra_*`: post-LN, untied
+key/value, learned positions, a `<CLS>` token prepended); `--config cpu` (default) is a reduced model and budget
+that runs on a 2-core CPU in minutes. Luna is `LunaForSequenceClassification`; the Transformer is RoBERTa's
+architecture of the same size with SDPA attention. Retrieval encodes both documents with one encoder and classifies
+[rep(doc2), rep(doc1)], as the authors do. The model with the best validation accuracy is tested; the test accuracy,
+wall time and settings go to `OUTPUT_DIR/lra_results.json` and are appended to `--results_file`. Interrupted?
+The same command with `--resume_from_checkpoint latest` continues from the last checkpoint.
+"""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from datasets import DatasetDict, load_dataset
+from torch import nn
+from transformers import (
+    AutoModel,
+    HfArgumentParser,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.trainer_utils import get_last_checkpoint
+
+from luna_hf import LunaConfig, LunaForSequenceClassification
+
+CLS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # RoBERTa's special ids; task symbols start at 4
+LISTOPS_SYMBOLS = ["[MIN", "[MAX", "[MED", "[SM", "]"] + [str(digit) for digit in range(10)]
+LISTOPS_VOCAB = {symbol: i + 4 for i, symbol in enumerate(LISTOPS_SYMBOLS)}
+TASK_COLUMNS = {"listops": ["Source", "Target"], "text": ["text", "label"], "retrieval": ["text1", "text2", "label"],
+                "image": ["pixels", "label"]}
+BUILD_COMMANDS = {"listops": "python scripts/lra/listops.py --output_dir DIR",
+                  **{task: f"python scripts/lra/build_data.py --task {task} --output_dir DIR"
+                     for task in ("text", "retrieval", "image")}}
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """An LRA architecture (`luna_lra_*`) and its training recipe."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    max_length: int  # tokens per input, before the <CLS> token
+    learning_rate: float
+    dropout: float
+    attention_dropout: float
+    batch_size: int
+    max_steps: int
+    warmup_steps: int
+    weight_decay: float
+    eval_steps: int
+    max_eval_samples: int | None = None  # validation rows used for model selection (all: None)
+    max_test_samples: int | None = None  # test rows (all: None)
+
+
+# Table 7 of the paper on the authors' release architectures (../shared/notes/authors-implementation.md, §9-10).
+PAPER = {
+    "listops": TaskConfig(1, 512, 2048, 8, 2000, 1e-4, 0.1, 0.1, 32, 5000, 1000, 1e-4, 500),
+    "text": TaskConfig(4, 256, 1024, 4, 4000, 5e-5, 0.3, 0.3, 32, 20000, 8000, 1e-4, 1000),
+    "retrieval": TaskConfig(4, 128, 512, 4, 4000, 5e-5, 0.1, 0.1, 32, 20000, 8000, 1e-4, 1000),
+    "image": TaskConfig(1, 64, 128, 8, 1024, 5e-3, 0.1, 0.3, 256, 35000, 4000, 0.0, 1000),
+}
+# Reduced for a 2-core CPU (one thread per run): smaller models, a few hundred steps, 1K-byte documents, 2,000 test
+# rows, the same task structure. The Transformer takes 4-10 s per step here, Luna-16 0.2-0.5 s (README).
+CPU_BUDGET = dict(learning_rate=1e-3, batch_size=16, dropout=0.1, attention_dropout=0.1, eval_steps=50,
+                  max_eval_samples=300, max_test_samples=2000)
+CPU = {
+    "listops": replace(PAPER["listops"], **CPU_BUDGET, num_layers=2, hidden_size=128, intermediate_size=256,
+                       num_heads=4, max_steps=250, warmup_steps=25),
+    "text": replace(PAPER["text"], **CPU_BUDGET, num_layers=2, hidden_size=128, intermediate_size=256,
+                    max_length=1024, max_steps=150, warmup_steps=15),
+    "retrieval": replace(PAPER["retrieval"], **CPU_BUDGET, num_layers=2, intermediate_size=256, max_length=1024,
+                         max_steps=150, warmup_steps=15),
+    "image": replace(PAPER["image"], **CPU_BUDGET, max_steps=200, warmup_steps=20),
+}
+
+
+@dataclass
+class LRAArguments:
+    task: Literal["listops", "text", "retrieval", "image"] = field(metadata={"help": "The LRA task."})
+    data_dir: str = field(metadata={"help": "Folder written by scripts/lra/listops.py or build_data.py."})
+    model: Literal["luna", "transformer"] = field(default="luna", metadata={"help": "Luna, or RoBERTa (SDPA)."})
+    config: Literal["paper", "cpu"] = field(default="cpu", metadata={"help": "Paper's recipe or the CPU one."})
+    projected_length: int = field(default=16, metadata={"help": "Luna's l (paper: 16, 128, 256)."})
+    classifier_pooling: Literal["cls", "packed_mean"] = field(
+        default="cls", metadata={"help": "Luna: <CLS> token, or mean of the final P (paper Table 3, no <CLS>)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Default: outputs/lra/TASK-MODEL-CONFIG-sSEED."})
+    results_file: str = field(default="outputs/lra/results.jsonl", metadata={"help": "Each run appends a line."})
+    max_steps: int | None = field(default=None, metadata={"help": "Override the config's number of updates."})
+    batch_size: int | None = field(default=None, metadata={"help": "Override the config's batch size."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Override the config's learning rate."})
+    max_length: int | None = field(default=None, metadata={"help": "Override the config's tokens per input."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Override how often validation runs."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Override the config's test rows."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    seed: int = 0
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or latest."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an existing output_dir."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU)."})
+    disable_tqdm: bool = False
+    report_to: str = field(default="none", metadata={"help": "tensorboard, wandb, ... or none."})
+
+    def __post_init__(self):
+        if self.projected_length < 1:
+            raise ValueError(f"--projected_length must be positive, got {self.projected_length}.")
+        if self.model == "transformer" and self.classifier_pooling != "cls":
+            raise ValueError("--classifier_pooling packed_mean needs Luna's packed sequence: use --model luna.")
+        name = f"{self.task}-{self.run_name}-{self.config}-s{self.seed}"
+        self.output_dir = self.output_dir or str(Path("outputs/lra") / name)
+
+    @property
+    def run_name(self) -> str:
+        if self.model == "transformer":
+            return "transformer"
+        return f"luna{self.projected_length}" + ("-pmean" if self.classifier_pooling == "packed_mean" else "")
+
+    def task_config(self) -> TaskConfig:
+        base = (PAPER if self.config == "paper" else CPU)[self.task]
+        overrides = {"max_steps": self.max_steps, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                     "max_length": self.max_length, "eval_steps": self.eval_steps,
+                     "max_test_samples": self.max_test_samples}
+        return replace(base, **{name: value for name, value in overrides.items() if value is not None})
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def load_task_data(args: LRAArguments) -> tuple[DatasetDict, dict]:
+    """The three splits and the builder's info; a clear error for a missing or malformed folder."""
+    folder = Path(args.data_dir)
+    if args.task == "listops":
+        files = {split: folder / f"basic_{name}.tsv" for split, name in
+                 {"train": "train", "validation": "val", "test": "test"}.items()}
+        info = {"source": "ListOps (scripts/lra/listops.py)", "real": True, "label_names": [str(d) for d in range(10)]}
+    else:
+        files = {split: folder / f"{split}.parquet" for split in ("train", "validation", "test")}
+        info_file = folder / "info.json"
+        info = json.loads(info_file.read_text()) if info_file.is_file() else None
+        if info is not None and info.get("task") != args.task:
+            raise SystemExit(f"{folder} holds the {info.get('task')!r} task, not {args.task!r}.")
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing or info is None:
+        raise SystemExit(f"{folder} is not a complete {args.task} folder (missing: "
+                         f"{', '.join(missing) or 'info.json'}). Build it with: "
+                         f"{BUILD_COMMANDS[args.task].replace('DIR', str(folder))}")
+    if args.task == "listops":
+        data = load_dataset("csv", data_files={k: str(v) for k, v in files.items()}, delimiter="\t", quoting=3)
+    else:
+        data = load_dataset("parquet", data_files={k: str(v) for k, v in files.items()})
+    for split, dataset in data.items():
+        if dataset.column_names != TASK_COLUMNS[args.task] or len(dataset) == 0:
+            raise SystemExit(f"{files[split]} is malformed: expected columns {TASK_COLUMNS[args.task]} and at least "
+                             f"one row, found {dataset.column_names} ({len(dataset)} rows). Rebuild it with: "
+                             f"{BUILD_COMMANDS[args.task].replace('DIR', str(folder))}")
+    return data.rename_column("Target", "label") if args.task == "listops" else data, info
+
+
+def listops_ids(source: str) -> list[int]:
+    """LRA's ListOps tokenizer: whitespace tokens, parentheses dropped."""
+    tokens = [token for token in source.split() if token not in ("(", ")")]
+    unknown = [token for token in tokens if token not in LISTOPS_VOCAB]
+    if unknown:
+        raise ValueError(f"ListOps source holds unknown symbols {sorted(set(unknown))[:5]}: regenerate the data with "
+                         f"scripts/lra/listops.py.")
+    return [LISTOPS_VOCAB[token] for token in tokens]
+
+
+def byte_ids(text: str) -> list[int]:
+    return [byte + 4 for byte in text.encode("utf-8")]
+
+
+def make_encoder(task: str, max_length: int, prepend_cls: bool):
+    """Row -> model inputs. ListOps and Image have a fixed length (too long is an error); Text and Retrieval read
+    the first `max_length` bytes of a document, which is how LRA defines them."""
+    prefix = [CLS_ID] if prepend_cls else []
+
+    def fit(ids: list[int]) -> list[int]:
+        if len(ids) > max_length and task in ("listops", "image"):
+            raise ValueError(f"A {task} input has {len(ids)} tokens, more than the model's {max_length}: pass "
+                             f"--max_length {len(ids)} or rebuild the data with shorter sequences.")
+        return prefix + ids[:max_length]
+
+    def encode(batch: dict) -> dict:
+        if task == "listops":
+            return {"input_ids": [fit(listops_ids(source)) for source in batch["Source"]], "label": batch["label"]}
+        if task == "image":
+            return {"input_ids": [fit([pixel + 4 for pixel in row]) for row in batch["pixels"]],
+                    "label": batch["label"]}
+        if task == "text":
+            return {"input_ids": [fit(byte_ids(text)) for text in batch["text"]], "label": batch["label"]}
+        return {"input_ids": [fit(byte_ids(text)) for text in batch["text1"]],
+                "input_ids2": [fit(byte_ids(text)) for text in batch["text2"]], "label": batch["label"]}
+
+    return encode
+
+
+def check_lengths(data: DatasetDict, task: str, max_length: int) -> None:
+    """Fail before training when a fixed-length task does not fit the model (Text/Retrieval are truncated)."""
+    if task not in ("listops", "image"):
+        return
+    for split, dataset in data.items():
+        column = dataset["Source"] if task == "listops" else dataset["pixels"]
+        lengths = [len(listops_ids(source)) for source in column] if task == "listops" else [len(row) for row in column]
+        if max(lengths) > max_length:
+            raise SystemExit(f"The longest {split} input has {max(lengths)} tokens, more than --max_length "
+                             f"{max_length} (the model's positions): pass --max_length {max(lengths)}, or rebuild "
+                             f"the data with shorter sequences.")
+
+
+def pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), longest), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
+def collate(features: list[dict]) -> dict:
+    batch = {"labels": torch.tensor([feature["label"] for feature in features])}
+    batch["input_ids"], batch["attention_mask"] = pad([feature["input_ids"] for feature in features])
+    if "input_ids2" in features[0]:
+        batch["input_ids2"], batch["attention_mask2"] = pad([feature["input_ids2"] for feature in features])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+class PairClassifier(nn.Module):
+    """LRA Retrieval: one encoder reads both documents; the authors' classifier (Linear, ReLU, Linear) reads
+    [rep(doc2), rep(doc1)], where rep is the encoder's pooled state (Luna) or its first token (RoBERTa)."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        hidden_size = encoder.config.hidden_size
+        self.classifier = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(),
+                                        nn.Linear(hidden_size, num_labels, bias=False))
+
+    def represent(self, input_ids, attention_mask):
+        outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        if isinstance(self.encoder.config, LunaConfig):
+            return outputs.pooler_output
+        return outputs.last_hidden_state[:, 0]
+
+    def forward(self, input_ids, attention_mask, input_ids2, attention_mask2, labels=None):
+        pair = torch.cat([self.represent(input_ids2, attention_mask2), self.represent(input_ids, attention_mask)], -1)
+        logits = self.classifier(pair)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def build_model(args: LRAArguments, task: TaskConfig, vocab_size: int, num_labels: int) -> nn.Module:
+    common = dict(
+        vocab_size=vocab_size, hidden_size=task.hidden_size, num_hidden_layers=task.num_layers,
+        num_attention_heads=task.num_heads, intermediate_size=task.intermediate_size,
+        hidden_dropout_prob=task.dropout, attention_probs_dropout_prob=task.attention_dropout,
+        max_position_embeddings=task.max_length + 1 + PAD_ID + 1, pad_token_id=PAD_ID, bos_token_id=CLS_ID,
+        eos_token_id=EOS_ID, layer_norm_eps=1e-5, num_labels=num_labels,
+    )
+    if args.model == "luna":
+        # LRA Luna is untied (the authors' LRA encoder has no tied option).
+        config = LunaConfig(**common, projected_length=args.projected_length, tie_key_value=False,
+                            classifier_pooling=args.classifier_pooling)
+        single = LunaForSequenceClassification
+    else:
+        config = RobertaConfig(**common, attn_implementation="sdpa")
+        single = RobertaForSequenceClassification
+    if args.task != "retrieval":
+        return single(config)
+    encoder = AutoModel.from_config(config, **({} if args.model == "luna" else {"add_pooling_layer": False}))
+    return PairClassifier(encoder, num_labels)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def accuracy(prediction) -> dict:
+    return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
+
+
+def training_arguments(args: LRAArguments, task: TaskConfig) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=args.output_dir, max_steps=task.max_steps, per_device_train_batch_size=task.batch_size,
+        per_device_eval_batch_size=task.batch_size, learning_rate=task.learning_rate, weight_decay=task.weight_decay,
+        adam_beta1=0.9, adam_beta2=0.98, lr_scheduler_type="inverse_sqrt", warmup_steps=task.warmup_steps,
+        eval_strategy="steps", eval_steps=task.eval_steps, save_strategy="steps", save_steps=task.eval_steps,
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="accuracy", logging_steps=50,
+        seed=args.seed, data_seed=args.seed, remove_unused_columns=False, bf16=args.bf16, report_to=args.report_to,
+        disable_tqdm=args.disable_tqdm, dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def resume_checkpoint(args: LRAArguments) -> str | None:
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if checkpoint is None:
+            raise SystemExit(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}.")
+        return checkpoint
+    if args.resume_from_checkpoint is None and output_dir.is_dir() and any(output_dir.iterdir()) \
+            and not args.overwrite_output_dir:
+        raise SystemExit(f"{output_dir} is not empty: continue with --resume_from_checkpoint latest, start over with "
+                         f"--overwrite_output_dir, or choose another --output_dir.")
+    return args.resume_from_checkpoint
+
+
+def record(args: LRAArguments, task: TaskConfig, info: dict, results: dict) -> dict:
+    entry = {"task": args.task, "model": args.run_name, "config": args.config, "seed": args.seed,
+             "data": info["source"], "real_data": info["real"], **results,
+             "settings": {**asdict(task), "projected_length": args.projected_length,
+                          "classifier_pooling": args.classifier_pooling}}
+    Path(args.output_dir, "lra_results.json").write_text(json.dumps(entry, indent=2) + "\n")
+    Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results_file, "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(LRAArguments).parse_args_into_dataclasses(args=argv)
+    task = args.task_config()
+    checkpoint = resume_checkpoint(args)
+    set_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    data, info = load_task_data(args)
+    if args.max_train_samples:
+        data["train"] = data["train"].select(range(min(args.max_train_samples, len(data["train"]))))
+    # Subsets are a fixed random sample (seed 0, whatever --seed), so that every model is scored on the same rows.
+    for split, limit in (("validation", task.max_eval_samples), ("test", task.max_test_samples)):
+        if limit and limit < len(data[split]):
+            data[split] = data[split].shuffle(seed=0).select(range(limit))
+    check_lengths(data, args.task, task.max_length)
+    # The paper's P-mean rows (Table 3) drop the <CLS> token, as the authors' `--use-p` does.
+    prepend_cls = args.classifier_pooling == "cls"
+    data = data.with_transform(make_encoder(args.task, task.max_length, prepend_cls))
+    vocab_size = 4 + (len(LISTOPS_SYMBOLS) if args.task == "listops" else 256)
+    model = build_model(args, task, vocab_size, num_labels=len(info["label_names"]))
+
+    trainer = Trainer(model=model, args=training_arguments(args, task), train_dataset=data["train"],
+                      eval_dataset=data["validation"], data_collator=collate, compute_metrics=accuracy)
+    start = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - start
+    test = trainer.evaluate(data["test"], metric_key_prefix="test")
+    trainer.save_model(args.output_dir)
+    entry = record(args, task, info, {
+        "test_accuracy": test["test_accuracy"], "best_validation_accuracy": trainer.state.best_metric,
+        "train_seconds": round(train_seconds, 1), "train_loss": train_output.training_loss,
+        "steps": trainer.state.global_step, "parameters": sum(p.numel() for p in model.parameters()),
+        "resumed": checkpoint is not None, "device": str(trainer.args.device), "torch_threads": torch.get_num_threads(),
+    })
+    kind = "" if info["real"] else f" (SUBSTITUTE data for {info.get('substitute_for')})"
+    print(f"=== LRA {args.task}{kind}, {args.run_name}, config {args.config}, seed {args.seed}: test accuracy "
+          f"{entry['test_accuracy']:.4f} after {entry['steps']} steps, {entry['train_seconds']} s; "
+          f"results in {os.path.join(args.output_dir, 'lra_results.json')}")
+    return entry
+
+
+if __name__ == "__main__":
+    main()
