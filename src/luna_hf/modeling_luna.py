@@ -43,6 +43,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.import_utils import is_tracing
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_luna import LunaConfig
@@ -364,8 +365,14 @@ class LunaModel(LunaPreTrainedModel):
         if not self.config.dynamic_projection:
             return token_mask.new_ones(batch_size, self.config.projected_length)
         lengths = token_mask.sum(dim=1)
-        # At least one slot, so that a batch of fully padded rows still has a (masked) P.
-        packed_length = max(1, min(self.config.projected_length, int(lengths.max())))
+        if is_tracing(token_mask):
+            # torch.export / torch.compile / ONNX: cutting P needs the batch's longest length as a Python int (a
+            # data-dependent shape), so keep all l slots; those beyond a row's length are masked, which leaves every
+            # real token's output as it is with the cut.
+            packed_length = self.config.projected_length
+        else:
+            # At least one slot, so that a batch of fully padded rows still has a (masked) P.
+            packed_length = max(1, min(self.config.projected_length, int(lengths.max())))
         slots = torch.arange(packed_length, device=token_mask.device)
         return (slots.unsqueeze(0) < lengths.unsqueeze(1)).long()
 

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Export a Luna model to ONNX with dynamic batch size and sequence length, and check it against PyTorch.
+
+    pip install -e ".[deploy]"
+    python scripts/export_onnx.py --model_name_or_path outputs/luna-small-sst2 --output_dir outputs/luna-small-onnx
+
+writes `model.onnx` beside the config, the tokenizer and the remote code, runs a few sentences through
+onnxruntime, batched and one at a time, and prints the largest difference from PyTorch. The folder is assembled
+under a temporary name and appears only when the check passes; nothing that existed before is touched.
+
+`--task` picks the head (default: the one the checkpoint was saved with): `sequence-classification` (output
+`logits`), `fill-mask` (`logits`) or `feature-extraction` (`last_hidden_state`, `packed_hidden_state`,
+`pooler_output`). The exported graph keeps all `projected_length` slots of P (slots beyond a row's length are
+masked), so `packed_hidden_state` has l slots where eager PyTorch may cut it shorter; every other output is the same.
+"""
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    HfArgumentParser,
+)
+
+TASKS = {
+    "sequence-classification": (AutoModelForSequenceClassification, ["logits"]),
+    "fill-mask": (AutoModelForMaskedLM, ["logits"]),
+    "feature-extraction": (AutoModel, ["last_hidden_state", "packed_hidden_state", "pooler_output"]),
+}
+SENTENCES = [
+    "A gorgeous, witty and deeply moving film.",
+    "The plot is dull.",
+    "It is not a bad movie, but I would not watch it again, not even on a long flight with nothing else to do.",
+    "Fine.",
+]
+
+
+@dataclass
+class ExportArguments:
+    model_name_or_path: str = field(metadata={"help": "A Luna folder or Hub id."})
+    output_dir: str = field(metadata={"help": "Folder to create for model.onnx, config and tokenizer."})
+    task: Literal["auto", "sequence-classification", "fill-mask", "feature-extraction"] = field(
+        default="auto", metadata={"help": "Which head to export; auto: the one the checkpoint was saved with."})
+    opset: int | None = field(default=None, metadata={"help": "ONNX opset (default: the exporter's)."})
+    atol: float = field(default=1e-4, metadata={"help": "Largest allowed difference from PyTorch."})
+
+
+def load(args: ExportArguments):
+    try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"Cannot load a model config from {args.model_name_or_path!r}: {error}") from None
+    if config.model_type != "luna":
+        raise SystemExit(f"{args.model_name_or_path} is a {config.model_type!r} model, not Luna. This script exports "
+                         f"Luna models; for others use `optimum-cli export onnx` or torch.onnx.export.")
+    task = args.task
+    if task == "auto":
+        architecture = (config.architectures or ["LunaModel"])[0]
+        task = {"LunaForSequenceClassification": "sequence-classification",
+                "LunaForMaskedLM": "fill-mask"}.get(architecture, "feature-extraction")
+    model_class, output_names = TASKS[task]
+    model = model_class.from_pretrained(args.model_name_or_path, trust_remote_code=True).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # e.g. byte-level LRA models: random token ids stand in for sentences
+    return model, tokenizer, task, output_names
+
+
+def example_inputs(model, tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
+    if tokenizer is not None:
+        encoded = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    generator = torch.Generator().manual_seed(len(sentences))
+    lengths = [min(8 + 5 * i, model.config.max_sequence_length) for i in range(len(sentences))]
+    input_ids = torch.full((len(sentences), max(lengths)), model.config.pad_token_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(3, model.config.vocab_size, (length,), generator=generator)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def export(model, inputs: dict, output_names: list[str], path: Path, opset: int | None) -> None:
+    batch = torch.export.Dim("batch_size", min=1, max=4096)
+    length = torch.export.Dim("sequence_length", min=2, max=model.config.max_sequence_length)
+    program = torch.onnx.export(
+        model, (), kwargs=inputs, dynamic_shapes={name: {0: batch, 1: length} for name in inputs},
+        input_names=list(inputs), output_names=output_names, opset_version=opset, dynamo=True, verbose=False,
+    )
+    program.save(str(path))
+
+
+def largest_difference(model, session, inputs: dict, output_names: list[str]) -> float:
+    with torch.no_grad():
+        expected = model(**inputs, return_dict=True)
+    actual = session.run(output_names, {name: tensor.numpy() for name, tensor in inputs.items()})
+    worst = 0.0
+    for name, value in zip(output_names, actual, strict=True):
+        reference = expected[name].numpy()
+        if name == "packed_hidden_state":  # eager may cut P shorter; the extra slots are masked
+            value = value[:, : reference.shape[1]] * inputs["attention_mask"][:, : reference.shape[1], None].numpy()
+            reference = reference * inputs["attention_mask"][:, : reference.shape[1], None].numpy()
+        worst = max(worst, float(np.abs(value - reference).max()))
+    return worst
+
+
+def validate(model, tokenizer, path: Path, output_names: list[str], atol: float) -> float:
+    """Batched (with padding) and one sentence at a time, in shapes other than the export example's."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batches = [SENTENCES] + [[sentence] for sentence in SENTENCES]
+    worst = max(largest_difference(model, session, example_inputs(model, tokenizer, batch), output_names)
+                for batch in batches)
+    if not worst <= atol:
+        raise SystemExit(f"Validation failed: onnxruntime differs from PyTorch by {worst:.3g} > --atol {atol}. "
+                         f"Nothing was written.")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> float:
+    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists():
+        raise SystemExit(f"{output_dir} exists: choose a new --output_dir (nothing is overwritten).")
+    model, tokenizer, task, output_names = load(args)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        export(model, example_inputs(model, tokenizer, SENTENCES[:2]), output_names, partial / "model.onnx",
+               args.opset)
+        worst = validate(model, tokenizer, partial / "model.onnx", output_names, args.atol)
+        model.config.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        for code in Path(args.model_name_or_path).glob("*_luna.py"):  # remote code, so AutoConfig loads the folder
+            shutil.copy(code, partial)
+        partial.rename(output_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    print(f"Exported {task} to {output_dir / 'model.onnx'} (outputs {', '.join(output_names)}); largest difference "
+          f"from PyTorch over {len(SENTENCES)} sentences, batched and alone: {worst:.2e}")
+    return worst
+
+
+if __name__ == "__main__":
+    main()
