@@ -353,3 +353,20 @@ def test_report_table_averages_seeds_and_keeps_the_latest_rerun(tmp_path):
     transformer = next(row for row in rows if row.startswith("| Transformer (RoBERTa, SDPA) (this project)"))
     assert "50.00 (900 s)" in transformer and "90.00" not in transformer
     assert any(row.startswith("| Luna-16, [CLS] (paper) | 37.43 |") for row in rows)
+
+
+@pytest.mark.parametrize("task, shape", [("listops", (1, 512, 8, 2048, 2001)), ("text", (4, 256, 4, 1024, 4001)),
+                                         ("retrieval", (4, 128, 4, 512, 4001)), ("image", (1, 64, 8, 128, 1025))])
+def test_paper_config_builds_the_authors_lra_architectures(task, shape):
+    """`--config paper`: the authors' luna_lra_* shapes (layers, width, heads, FFN, tokens with <CLS>), untied."""
+    args = run_lra.LRAArguments(task=task, data_dir="unused", config="paper")
+    model = run_lra.build_model(args, args.task_config(), vocab_size=260, num_labels=2)
+    config = model.config if task != "retrieval" else model.encoder.config
+    layers, hidden, heads, ffn, tokens = shape
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size,
+            config.max_sequence_length) == (layers, hidden, heads, ffn, tokens)
+    assert config.tie_key_value is False and config.projected_length == 16
+    recipe = args.task_config()
+    table7 = {"listops": (1e-4, 32, 5000), "text": (5e-5, 32, 20000), "retrieval": (5e-5, 32, 20000),
+              "image": (5e-3, 256, 35000)}[task]
+    assert (recipe.learning_rate, recipe.batch_size, recipe.max_steps) == table7
