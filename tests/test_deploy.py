@@ -97,6 +97,7 @@ def folders(tmp_path_factory):
     tokenizer = hub_fixture.build_tokenizer()
     hub_fixture.save_tiny_model(LunaForSequenceClassification, root / "classifier", tokenizer, num_labels=2)
     hub_fixture.save_tiny_model(LunaModel, root / "encoder", tokenizer, dynamic_projection=False, tie_key_value=False)
+    hub_fixture.save_tiny_model(LunaForMaskedLM, root / "masked", tokenizer, tie_key_value=False)
     return root, tokenizer
 
 
@@ -109,6 +110,7 @@ def run_onnx(path, inputs, output_names):
 @pytest.mark.parametrize("folder, task, outputs", [
     ("classifier", "auto", ["logits"]),
     ("encoder", "feature-extraction", ["last_hidden_state", "pooler_output"]),
+    ("masked", "auto", ["logits"]),
 ])
 def test_export_script_round_trip_through_onnxruntime(folders, folder, task, outputs, capsys):
     root, tokenizer = folders
@@ -118,7 +120,7 @@ def test_export_script_round_trip_through_onnxruntime(folders, folder, task, out
     assert worst <= 1e-4 and "largest difference from PyTorch" in capsys.readouterr().out
     assert {"model.onnx", "config.json", "tokenizer_config.json", "configuration_luna.py"} <= {
         path.name for path in output_dir.iterdir()}
-    model_class = LunaForSequenceClassification if folder == "classifier" else LunaModel
+    model_class = {"classifier": LunaForSequenceClassification, "encoder": LunaModel, "masked": LunaForMaskedLM}[folder]
     model = model_class.from_pretrained(root / folder).eval()
     texts = ["a good film", "the movie was bad and boring and terrible", "great", "a b c d e f g h i j k l m n o p"]
     for batch in (texts, texts[:1], texts[3:]):
