@@ -225,6 +225,21 @@ def check_lengths(data: DatasetDict, task: str, max_length: int) -> None:
                              f"the data with shorter sequences.")
 
 
+def prepare_data(args: LRAArguments, task: TaskConfig) -> tuple[DatasetDict, dict]:
+    """The splits, cut to the configured sizes, checked and encoded on the fly."""
+    data, info = load_task_data(args)
+    if args.max_train_samples:
+        data["train"] = data["train"].select(range(min(args.max_train_samples, len(data["train"]))))
+    # Subsets are a fixed random sample (seed 0, whatever --seed), so that every model is scored on the same rows.
+    for split, limit in (("validation", task.max_eval_samples), ("test", task.max_test_samples)):
+        if limit and limit < len(data[split]):
+            data[split] = data[split].shuffle(seed=0).select(range(limit))
+    check_lengths(data, args.task, task.max_length)
+    # The paper's P-mean rows (Table 3) drop the <CLS> token, as the authors' `--use-p` does.
+    prepend_cls = args.classifier_pooling == "cls"
+    return data.with_transform(make_encoder(args.task, task.max_length, prepend_cls)), info
+
+
 def pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), longest), PAD_ID, dtype=torch.long)
@@ -345,17 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data, info = load_task_data(args)
-    if args.max_train_samples:
-        data["train"] = data["train"].select(range(min(args.max_train_samples, len(data["train"]))))
-    # Subsets are a fixed random sample (seed 0, whatever --seed), so that every model is scored on the same rows.
-    for split, limit in (("validation", task.max_eval_samples), ("test", task.max_test_samples)):
-        if limit and limit < len(data[split]):
-            data[split] = data[split].shuffle(seed=0).select(range(limit))
-    check_lengths(data, args.task, task.max_length)
-    # The paper's P-mean rows (Table 3) drop the <CLS> token, as the authors' `--use-p` does.
-    prepend_cls = args.classifier_pooling == "cls"
-    data = data.with_transform(make_encoder(args.task, task.max_length, prepend_cls))
+    data, info = prepare_data(args, task)
     vocab_size = 4 + (len(LISTOPS_SYMBOLS) if args.task == "listops" else 256)
     model = build_model(args, task, vocab_size, num_labels=len(info["label_names"]))
 
