@@ -30,13 +30,13 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="pip install -e '.[deplo
 VOCAB = 64
 
 
-def tiny(model_class, dynamic_projection=True, tie_key_value=True, seed=0):
+def tiny(model_class, dynamic_projection=True, tie_key_value=True, seed=0, **overrides):
     from luna_hf import LunaConfig
 
     torch.manual_seed(seed)
     config = LunaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, projected_length=8, max_position_embeddings=66, num_labels=3,
-                        dynamic_projection=dynamic_projection, tie_key_value=tie_key_value)
+                        dynamic_projection=dynamic_projection, tie_key_value=tie_key_value, **overrides)
     return model_class(config).eval()
 
 
@@ -159,11 +159,8 @@ def test_export_script_bad_input(folders, tmp_path):
 
 
 def test_torch_compile_fullgraph_dynamic_inference_and_training():
-    model = tiny(LunaForSequenceClassification)
-    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    # No dropout, so that the compiled and eager training steps see the same computation.
+    model = tiny(LunaForSequenceClassification, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     for batch_size, length in ((2, 16), (5, 37)):
         inputs = padded_batch(batch_size, length, seed=length)
