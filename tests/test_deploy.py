@@ -60,16 +60,20 @@ def outputs_of(model, inputs):
 
 
 HEADS = [
-    (LunaModel, True, True), (LunaForMaskedLM, False, False), (LunaForSequenceClassification, True, False),
-    (LunaForTokenClassification, False, True), (LunaForQuestionAnswering, True, True),
-    (LunaForMultipleChoice, True, False),
+    (LunaModel, True, True, "cls"), (LunaForMaskedLM, False, False, "cls"),
+    (LunaForSequenceClassification, True, False, "cls"), (LunaForTokenClassification, False, True, "cls"),
+    (LunaForQuestionAnswering, True, True, "cls"), (LunaForMultipleChoice, True, False, "cls"),
+    (LunaForSequenceClassification, True, True, "packed_max"),
+    (LunaForMultipleChoice, True, False, "packed_attention"),
 ]
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
-@pytest.mark.parametrize("model_class, dynamic_projection, tie_key_value", HEADS)
-def test_torch_export_with_dynamic_shapes_matches_eager(model_class, dynamic_projection, tie_key_value, strict):
-    model = tiny(model_class, dynamic_projection, tie_key_value)
+@pytest.mark.parametrize("model_class, dynamic_projection, tie_key_value, classifier_pooling", HEADS)
+def test_torch_export_with_dynamic_shapes_matches_eager(
+    model_class, dynamic_projection, tie_key_value, classifier_pooling, strict
+):
+    model = tiny(model_class, dynamic_projection, tie_key_value, classifier_pooling=classifier_pooling)
     choices = 2 if model_class is LunaForMultipleChoice else None
     batch, length = torch.export.Dim("batch", min=1, max=32), torch.export.Dim("length", min=2, max=64)
     axes = {0: batch, 2: length} if choices else {0: batch, 1: length}

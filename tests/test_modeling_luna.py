@@ -152,7 +152,7 @@ def test_parameter_count_matches_the_authors_models():
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("classifier_pooling", ["cls", "packed_mean"])
+@pytest.mark.parametrize("classifier_pooling", ["cls", "packed_mean", "packed_max", "packed_attention"])
 def test_padding_invariance(attn_implementation, classifier_pooling):
     torch.manual_seed(0)
     config = tiny_config(classifier_pooling=classifier_pooling, num_labels=3)
@@ -211,6 +211,16 @@ def test_no_nan_at_the_edges(attn_implementation):
             assert torch.isfinite(model(ids, attention_mask=mask).logits).all(), name
         bf16 = model.to(torch.bfloat16)
         assert torch.isfinite(bf16(input_ids, attention_mask=attention_mask).logits.float()).all(), "bf16"
+
+
+@pytest.mark.parametrize("classifier_pooling", ["packed_max", "packed_attention"])
+def test_learned_packed_pooling_of_a_fully_padded_row_is_finite(classifier_pooling):
+    model = LunaForSequenceClassification(tiny_config(classifier_pooling=classifier_pooling)).eval()
+    assert model.luna.pooler is not None and LunaForMaskedLM(tiny_config()).luna.pooler is None
+    input_ids, attention_mask = padded_batch([5, 2])
+    attention_mask[1] = 0
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids, attention_mask=attention_mask).logits).all()
 
 
 def test_eager_matches_sdpa_with_dropout_off():

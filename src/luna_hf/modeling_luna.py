@@ -69,8 +69,8 @@ class LunaModelOutput(ModelOutput):
     packed_hidden_state (`torch.FloatTensor` of shape `(batch_size, packed_length, hidden_size)`):
         Packed sequence P of the last layer (`packed_length` = `projected_length`, or less with dynamic projection).
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-        Sentence representation chosen by `config.classifier_pooling` (no parameters: the first token's state, or
-        the mean of the final P over each row's valid slots).
+        Sentence representation chosen by `config.classifier_pooling`: the first token's state, the mean of the
+        final P over each row's valid slots, or one of the authors' learned P poolings (`LunaModel.pooler`).
     packed_hidden_states (`tuple(torch.FloatTensor)`, returned with `output_packed_hidden_states=True`):
         P after the embeddings and after each layer, `num_hidden_layers + 1` tensors.
     pack_attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
@@ -238,6 +238,39 @@ class LunaLayer(GradientCheckpointingLayer):
         return hidden_states, packed_states
 
 
+class LunaPackedMaxPooler(nn.Module):
+    """`classifier_pooling="packed_max"` (the authors' `pooling_classification_head`): a linear map of the final P,
+    then the maximum over each row's valid slots."""
+
+    def __init__(self, config: LunaConfig):
+        super().__init__()
+        self.in_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states, packed_states, slot_mask) -> torch.Tensor:
+        projected = self.in_proj(packed_states)
+        return projected.masked_fill(slot_mask.unsqueeze(-1) == 0, float("-inf")).amax(dim=1)
+
+
+class LunaPackedAttentionPooler(nn.Module):
+    """`classifier_pooling="packed_attention"` (the authors' `attention_classification_head`): the first token's
+    state attends over the valid slots of the final P (multi-head, no dropout), then LayerNorm."""
+
+    def __init__(self, config: LunaConfig):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states, packed_states, slot_mask) -> torch.Tensor:
+        first_token = hidden_states[:, :1]
+        attended, _ = self.attention(
+            first_token, packed_states, packed_states, key_padding_mask=slot_mask == 0, need_weights=False
+        )
+        return self.layer_norm(attended[:, 0])
+
+
+LEARNED_POOLERS = {"packed_max": LunaPackedMaxPooler, "packed_attention": LunaPackedAttentionPooler}
+
+
 class LunaPreTrainedModel(PreTrainedModel):
     config: LunaConfig
     config_class = LunaConfig
@@ -285,6 +318,8 @@ class LunaModel(LunaPreTrainedModel):
         self.gradient_checkpointing = False
         self.embeddings = LunaEmbeddings(config)
         self.layers = nn.ModuleList([LunaLayer(config) for _ in range(config.num_hidden_layers)])
+        pooler_class = LEARNED_POOLERS.get(config.classifier_pooling)
+        self.pooler = pooler_class(config) if pooler_class is not None else None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -379,8 +414,12 @@ class LunaModel(LunaPreTrainedModel):
     def pool(self, hidden_states, packed_states, slot_mask) -> torch.Tensor:
         if self.config.classifier_pooling == "cls":
             return hidden_states[:, 0]
-        weights = slot_mask.unsqueeze(-1).to(packed_states.dtype)
-        return (packed_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        if self.config.classifier_pooling == "packed_mean":
+            weights = slot_mask.unsqueeze(-1).to(packed_states.dtype)
+            return (packed_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        # A fully padded row has no valid slot: it pools its first slot instead, so that its output stays finite.
+        slot_mask = torch.cat([torch.ones_like(slot_mask[:, :1]), slot_mask[:, 1:]], dim=1)
+        return self.pooler(hidden_states, packed_states, slot_mask)
 
 
 class LunaLMHead(nn.Module):
