@@ -7,11 +7,12 @@
 
 Reads `model.pt` (weights under "model", training arguments under "args" or "cfg"), builds the matching
 `LunaConfig`, maps every tensor to luna-hf's names and saves a `save_pretrained` folder (safetensors + remote code).
-A checkpoint with a [CLS] classification head becomes `LunaForSequenceClassification` (or `LunaForMultipleChoice`
-for fairseq's sentence_ranking task), otherwise `LunaForMaskedLM`. With `--dict` the fairseq dictionary and GPT-2's
-BPE files become a RoBERTa-style tokenizer with the fairseq ids. Any unread source tensor, unfilled target, or
-inconsistent argument is an error, and nothing is written to `--output_dir` unless the whole conversion succeeded
-and the saved folder reloads to the same tensors. See docs/conversion.md.
+A checkpoint with a classification head becomes `LunaForSequenceClassification` (or `LunaForMultipleChoice` for
+fairseq's sentence_ranking task); a masked_lm checkpoint, or one without heads, becomes `LunaForMaskedLM`. With
+`--dict` the fairseq dictionary and GPT-2's BPE files become a RoBERTa-style tokenizer with the fairseq ids. Any
+unread source tensor, unfilled target, or inconsistent argument is an error, and nothing is written to
+`--output_dir` unless the whole conversion succeeded and the saved folder reloads to the same tensors. See
+docs/conversion.md.
 """
 
 import argparse
@@ -98,8 +99,21 @@ RENAMES = [
     (r"encoder\.lm_head\.bias", "lm_head.bias"),
     (r"encoder\.lm_head\.weight", "lm_head.decoder.weight"),
     (r"classification_heads\.[^.]+\.(dense|out_proj)\.(weight|bias)", r"classifier.\1.\2"),
+    (r"classification_heads\.pooling_classification_head\.in_proj\.(weight|bias)", r"luna.pooler.in_proj.\1"),
+    # q, k, v: concatenated into nn.MultiheadAttention's in_proj_{weight,bias} by `convert_state_dict`.
+    (
+        r"classification_heads\.attention_classification_head\.attn\.(\w+)\.(weight|bias)",
+        r"luna.pooler.attention.\1.\2",
+    ),
+    (r"classification_heads\.attention_classification_head\.layernorm\.(weight|bias)", r"luna.pooler.layer_norm.\1"),
 ]
-CLS_HEAD_TENSORS = {"dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias"}
+# luna_bert picks a head's kind by its name (any other name is the [CLS] head): its classifier_pooling and tensors.
+HEAD_POOLINGS = {"pooling_classification_head": "packed_max", "attention_classification_head": "packed_attention"}
+HEAD_MODULES = {
+    "cls": ["dense", "out_proj"],
+    "packed_max": ["in_proj", "dense", "out_proj"],
+    "packed_attention": [f"attn.{name}_proj" for name in ("q", "k", "v", "out")] + ["layernorm", "dense", "out_proj"],
+}
 HEAD_CLASSES = {
     "masked_lm": LunaForMaskedLM,
     "sequence_classification": LunaForSequenceClassification,
@@ -123,8 +137,9 @@ class Arguments:
     head: Literal["auto", "masked_lm", "sequence_classification", "multiple_choice"] = field(
         default="auto",
         metadata={
-            "help": "Model to build. auto: the checkpoint's classification head if it has one (multiple choice "
-            "for fairseq's sentence_ranking task), else the masked-LM head."
+            "help": "Model to build. auto: the masked-LM head for a masked_lm (pretraining) checkpoint, else the "
+            "checkpoint's classification head if it has one (multiple choice for fairseq's sentence_ranking task), "
+            "else the masked-LM head."
         },
     )
     classification_head: str | None = field(
@@ -234,6 +249,15 @@ def fairseq_arguments(checkpoint) -> dict:
     )
 
 
+def fairseq_task(checkpoint) -> str | None:
+    """The training task: `cfg["task"]["_name"]` (newer fairseq) or `args.task`."""
+    cfg = checkpoint.get("cfg")
+    task = cfg.get("task") if isinstance(cfg, Mapping) else None
+    if isinstance(task, Mapping) and task.get("_name"):
+        return task["_name"]
+    return fairseq_arguments(checkpoint).get("task")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 
@@ -340,7 +364,7 @@ def luna_config(checkpoint: dict, head: str, head_name: str | None) -> LunaConfi
         projected_length=projected_length,
         tie_key_value=tied_key_value,
         dynamic_projection=not args["fix_projection_length"],
-        classifier_pooling="cls",
+        classifier_pooling=HEAD_POOLINGS.get(head_name, "cls"),
         tie_word_embeddings=tied_output,
         **extra,
     )
@@ -351,8 +375,9 @@ def choose_head(checkpoint: dict, head: str, head_name: str | None) -> tuple[str
     names = sorted({key.split(".")[1] for key in checkpoint["model"] if key.startswith("classification_heads.")})
     if head_name is not None and head_name not in names:
         raise ConversionError(f"No classification head {head_name!r} in the checkpoint; it has {names}.")
-    if head == "masked_lm":
-        return head, None
+    task = fairseq_task(checkpoint)
+    if head == "masked_lm" or (head == "auto" and head_name is None and task == "masked_lm"):
+        return "masked_lm", None  # a pretraining checkpoint's registered heads are left out
     if head_name is None:
         if not names:
             if head == "auto":
@@ -363,14 +388,16 @@ def choose_head(checkpoint: dict, head: str, head_name: str | None) -> tuple[str
                                   "--classification_head.")  # fmt: skip
         head_name = names[0]
     prefix = f"classification_heads.{head_name}."
-    unsupported = [k for k in checkpoint["model"] if k.startswith(prefix) and k[len(prefix) :] not in CLS_HEAD_TENSORS]
-    if unsupported or head_name in ("pooling_classification_head", "attention_classification_head"):
+    pooling = HEAD_POOLINGS.get(head_name, "cls")
+    known = {f"{prefix}{module}.{kind}" for module in HEAD_MODULES[pooling] for kind in ("weight", "bias")}
+    unknown = [k for k in checkpoint["model"] if k.startswith(prefix) and k not in known]
+    if unknown:
         raise ConversionError(
-            f"Head {head_name!r} pools the packed sequence P (tensors {unsupported[:4]}); luna-hf's heads read the "
-            "[CLS] state (fairseq's default head), so it has no equivalent."
+            f"Head {head_name!r} has tensors {unknown[:4]} that fairseq-apollo's head of that name (classifier_pooling "
+            f"{pooling!r}) does not have; the heads luna-hf converts are the [CLS] head, 'pooling_classification_head' "
+            "and 'attention_classification_head'."
         )
     if head == "auto":
-        task = fairseq_arguments(checkpoint).get("task")
         head = "multiple_choice" if task == "sentence_ranking" else "sequence_classification"
     return head, head_name
 
@@ -399,6 +426,11 @@ def convert_state_dict(checkpoint: dict, model, head_name: str | None) -> dict[s
         converted[target] = value
         if target == "lm_head.bias" and not config.tie_word_embeddings:
             converted["lm_head.decoder.bias"] = value  # untied output layer: the bias lives on the decoder
+    # nn.MultiheadAttention keeps the query, key and value projections in one tensor, in that order.
+    for kind in ("weight", "bias"):
+        parts = [converted.pop(f"luna.pooler.attention.{name}_proj.{kind}", None) for name in ("q", "k", "v")]
+        if all(part is not None for part in parts):
+            converted[f"luna.pooler.attention.in_proj_{kind}"] = torch.cat(parts)
     if set_aside:
         groups = sorted({".".join(k.split(".")[:2]) for k in set_aside})
         logger.warning("Not converted (not part of a %s): %s", type(model).__name__, groups)
@@ -535,7 +567,8 @@ def convert(args: Arguments) -> Path:
         f"{'dynamic' if config.dynamic_projection else 'fixed'} projection",
     ]
     if head_name:
-        summary.append(f"head {head_name!r} ({model.classifier.out_proj.out_features} outputs)")
+        outputs = model.classifier.out_proj.out_features
+        summary.append(f"head {head_name!r} ({outputs} outputs, classifier_pooling {config.classifier_pooling!r})")
     if tokenizer is not None:
         summary.append(f"tokenizer ({len(tokenizer)} tokens)")
     print(f"Converted {args.fairseq_checkpoint} -> {output_dir}: " + ", ".join(summary))

@@ -14,7 +14,12 @@ The points the port must reproduce (and this reference does):
   output projection; unpack Y_X = out_proj(softmax(q_proj(X)·k(Y_P)ᵀ / sqrt(d_head)) v(Y_P)) over unmasked slots;
   "tied" means one projection gives both keys and values (pc_proj for the pack, c_proj for the unpack);
   X = LN_attn(X + Y_X); P = LN_p(P + Y_P); X = LN_ffn(X + fc2(gelu(fc1(X)))); exact erf GELU in float32;
-- LM head: layer_norm(gelu(dense(x))) @ lm_head.weightᵀ + lm_head.bias; [CLS] head: out_proj(tanh(dense(x[:, 0]))).
+- LM head: layer_norm(gelu(dense(x))) @ lm_head.weightᵀ + lm_head.bias;
+- classification heads, out_proj(tanh(dense(s))), where the head's name decides the sentence vector s:
+  `pooling_classification_head`: in_proj(P) with masked slots set to -inf, maximum over slots;
+  `attention_classification_head`: layernorm(attn(query x[:, 0], keys/values P, masked slots excluded)), attn being
+  fairseq's MultiheadAttention (q_proj scaled by sqrt(d_head)^-1 after its bias, separate k_proj, v_proj, out_proj);
+  any other name: x[:, 0] (the [CLS] head).
 """
 
 import math
@@ -49,7 +54,7 @@ def fairseq_luna_forward(
 
     Returns a dict with `x` (B x T x C, final token states), `px` (B x L' x C, final packed states),
     `px_padding_mask` (B x L', True = masked slot, or None), `logits` (B x T x V, LM head) and, when
-    `classification_head` names a [CLS] head of the state dict, `head_logits` (B x classes).
+    `classification_head` names a classification head of the state dict, `head_logits` (B x classes).
     """
 
     def param(name):
@@ -117,12 +122,27 @@ def fairseq_luna_forward(
         feed_forward = linear(exact_gelu(linear(x, layer + "fc1")), layer + "fc2")
         x = layer_norm(x + feed_forward, layer + "final_layer_norm")
 
+    if classification_head is not None:  # still time-major here
+        h = f"classification_heads.{classification_head}."
+        if classification_head == "pooling_classification_head":
+            slots = linear(p, h + "in_proj")  # L' x B x C
+            if slot_mask is not None:
+                slots = slots.masked_fill(slot_mask.t()[..., None], float("-inf"))
+            sentence = slots.max(dim=0).values
+        elif classification_head == "attention_classification_head":
+            query = heads(linear(x[:1], h + "attn.q_proj")) * head_dim**-0.5  # 1 x B x H x d
+            keys, values = heads(linear(p, h + "attn.k_proj")), heads(linear(p, h + "attn.v_proj"))
+            attended = linear(attend(query, keys, values, slot_mask, True), h + "attn.out_proj")
+            sentence = layer_norm(attended[0], h + "layernorm")
+        else:
+            sentence = x[0]
+        head_logits = linear(torch.tanh(linear(sentence, h + "dense")), h + "out_proj")
+
     x, p = x.transpose(0, 1), p.transpose(0, 1)
     out = {"x": x, "px": p, "px_padding_mask": slot_mask}
     if "encoder.lm_head.dense.weight" in state:
         features = layer_norm(exact_gelu(linear(x, "encoder.lm_head.dense")), "encoder.lm_head.layer_norm")
         out["logits"] = F.linear(features, param("encoder.lm_head.weight")) + param("encoder.lm_head.bias")
     if classification_head is not None:
-        h = f"classification_heads.{classification_head}."
-        out["head_logits"] = linear(torch.tanh(linear(x[:, 0], h + "dense")), h + "out_proj")
+        out["head_logits"] = head_logits
     return out

@@ -82,9 +82,16 @@ def fairseq_state(args: argparse.Namespace, vocab_size: int = 40, heads: dict | 
     layer_norm("encoder.lm_head.layer_norm")
     state["encoder.lm_head.weight"] = state[ENCODER + "embed_tokens.weight"]  # tied: the same tensor
     state["encoder.lm_head.bias"] = randn(vocab_size, scale=0.5)
-    for name, classes in (heads or {}).items():
-        linear(f"classification_heads.{name}.dense", width, width)
-        linear(f"classification_heads.{name}.out_proj", classes, width)
+    for name, classes in (heads or {}).items():  # luna_bert decides a head's kind by its name
+        head = f"classification_heads.{name}."
+        if name == "pooling_classification_head":
+            linear(head + "in_proj", width, width)
+        if name == "attention_classification_head":
+            for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                linear(head + "attn." + projection, width, width)
+            layer_norm(head + "layernorm")
+        linear(head + "dense", width, width)
+        linear(head + "out_proj", classes, width)
     return state
 
 
@@ -220,6 +227,43 @@ def test_classification_head_matches_the_fairseq_head(tmp_path, task):
     assert config["classifier_dropout"] == 0.2
 
 
+@pytest.mark.parametrize("head_name", ["pooling_classification_head", "attention_classification_head"])
+def test_packed_pooling_heads_match_the_fairseq_heads(tmp_path, head_name):
+    args = fairseq_args(task="sentence_prediction", projection_length=8)
+    state = fairseq_state(args, heads={head_name: 3}, seed=5)
+    output_dir = convert(tmp_path, save_checkpoint(tmp_path / "model.pt", args, state))
+    config = json.loads((output_dir / "config.json").read_text())
+    pooling = {"pooling_classification_head": "packed_max", "attention_classification_head": "packed_attention"}
+    assert config["architectures"] == ["LunaForSequenceClassification"]
+    assert config["classifier_pooling"] == pooling[head_name] and config["dynamic_projection"]
+
+    lengths = [11, 5, 8, 3]  # P is cut to 8 slots; rows of 5 and 3 tokens mask 3 and 5 of them
+    tokens = padded_tokens(lengths, seed=6)
+    reference = fairseq_luna_forward(state, tokens, num_heads=4, classification_head=head_name)
+    assert reference["px_padding_mask"].sum(dim=1).tolist() == [0, 3, 0, 5]
+    model = luna_hf.LunaForSequenceClassification.from_pretrained(output_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=tokens, attention_mask=tokens.ne(PAD).long()).logits
+        alone = model(input_ids=tokens[3:, :3]).logits  # P cut to 3 slots: nothing masked
+    difference = (logits - reference["head_logits"]).abs().max().item()
+    print(head_name, f"head logits max abs difference {difference:.2e}")
+    assert logits.shape == (4, 3) and difference <= TOLERANCE
+    torch.testing.assert_close(alone[0], logits[3], atol=TOLERANCE, rtol=0)
+
+
+def test_auto_converts_a_pretraining_checkpoint_to_the_masked_lm_despite_registered_heads(tmp_path):
+    args = fairseq_args(task="masked_lm")
+    heads = {"cls_classification_head": 2, "pooling_classification_head": 3, "attention_classification_head": 4}
+    for arguments_key in ("args", "cfg"):
+        checkpoint = save_checkpoint(tmp_path / "model.pt", args, fairseq_state(args, heads=heads), arguments_key)
+        output_dir = convert(tmp_path, checkpoint, name=arguments_key)
+        assert json.loads((output_dir / "config.json").read_text())["architectures"] == ["LunaForMaskedLM"]
+    # Naming a head still converts it.
+    output_dir = convert(tmp_path, checkpoint, classification_head="attention_classification_head")
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["architectures"] == ["LunaForSequenceClassification"] and len(config["id2label"]) == 4
+
+
 def test_choosing_among_heads_and_replacing_an_output_folder(tmp_path):
     args = fairseq_args(task="sentence_prediction")
     state = fairseq_state(args, heads={"cls_classification_head": 2, "other_head": 5})
@@ -295,10 +339,10 @@ def broken(kind: str, tmp_path: Path) -> Path:
         state[ENCODER + "layer_norm.weight"] = torch.ones(32)
     elif kind == "arguments-disagree":
         args = fairseq_args(projection_length=8)
-    elif kind == "pooling-head":
-        state["classification_heads.pooling_classification_head.in_proj.weight"] = torch.zeros(32, 32)
-        for name in ("dense", "out_proj"):
-            state[f"classification_heads.pooling_classification_head.{name}.weight"] = torch.zeros(2, 32)
+    elif kind == "unknown-head-tensor":  # luna_bert would build a [CLS] head for this name and reject in_proj
+        args = fairseq_args(task="sentence_prediction")
+        state = fairseq_state(args, heads={"my_head": 2})
+        state["classification_heads.my_head.in_proj.weight"] = torch.zeros(32, 32)
     return save_checkpoint(path, args, state)
 
 
@@ -310,7 +354,7 @@ BAD_INPUTS = {
     "leftover-key": r"no luna-hf counterpart: \['encoder.sentence_encoder.layers.0.self_attn.extra_proj.weight'\]",
     "pre-ln": "pre-LN",
     "arguments-disagree": "projection_length 8 vs 4",
-    "pooling-head": "no equivalent",
+    "unknown-head-tensor": r"'my_head' has tensors \['classification_heads.my_head.in_proj.weight'\]",
 }
 
 
