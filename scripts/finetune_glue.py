@@ -419,6 +419,10 @@ def parse_args(argv):
     chosen = recipe.parse_known_args(argv)[0].recipe
     if chosen:
         parser.set_defaults(**RECIPES[chosen])  # flags given on the command line still win
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Launched as several processes on a machine without a GPU: the Trainer forms one gloo DDP job only with
+        # use_cpu; otherwise it would run N separate copies writing the same output_dir.
+        parser.set_defaults(use_cpu=True)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     explicit = any(a.replace("-", "_").startswith("__metric_for_best_model") for a in argv)
     if training_args.load_best_model_at_end and not explicit:

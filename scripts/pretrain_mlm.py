@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from itertools import chain
 from pathlib import Path
 from typing import Literal
@@ -28,9 +29,9 @@ import datasets
 import torch
 import torch.nn.functional as F
 import transformers
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import load_dataset
 from tokenizers import AddedToken, ByteLevelBPETokenizer
 from torch.utils.data import DataLoader
@@ -116,6 +117,9 @@ class Arguments:
         default=None, metadata={"help": "Default: whatever `accelerate launch`/`accelerate config` says."}
     )
     seed: int = 42
+    ddp_timeout: int = field(
+        default=1800, metadata={"help": "Seconds a process waits for the others in a collective before it fails."}
+    )
     # Checkpoints, logging, evaluation, output
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the full state every N steps."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N."})
@@ -284,26 +288,25 @@ def tokenize_into_blocks(args: Arguments, raw, tokenizer, text_column: str, acce
     return train, validation
 
 
-class PositionSeededCollator:
-    """Masks each batch with a generator seeded by (seed, process, epoch, batch index) instead of the global RNG.
+class BlockSeededCollator:
+    """Masks each block with a generator seeded by (seed, epoch, the block's tokens) instead of the global RNG.
 
-    accelerate's dataloader collates one batch ahead, and a resumed run never collates the batches it skips, so masks
-    drawn from a shared RNG would shift after a resume; drawn this way they are the same as in an uninterrupted run.
+    A block then gets the same mask wherever it lands: a resumed run masks as the uninterrupted one did (accelerate
+    collates one batch ahead, and a resume never collates the batches it skips), and N processes with a per-device
+    batch of B mask exactly as one process with a batch of N*B does.
     """
 
-    def __init__(self, collator: DataCollatorForLanguageModeling, seed: int, process_index: int):
-        self.collator, self.seed, self.process_index = collator, seed, process_index
+    def __init__(self, collator: DataCollatorForLanguageModeling, seed: int):
+        self.collator, self.seed, self.epoch = collator, seed, 0
         self.collator.generator = torch.Generator()
-        self.start(epoch=0, batch_index=0)
-
-    def start(self, epoch: int, batch_index: int) -> None:
-        self.epoch, self.batch_index = epoch, batch_index
 
     def __call__(self, examples):
-        key = (self.seed, self.process_index, self.epoch, self.batch_index)
-        self.collator.generator.manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:7], "little"))
-        self.batch_index += 1
-        return self.collator(examples)
+        batches = []
+        for example in examples:
+            key = repr((self.seed, self.epoch, list(example["input_ids"]))).encode()
+            self.collator.generator.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:7], "little"))
+            batches.append(self.collator([example]))
+        return {name: torch.cat([batch[name] for batch in batches]) for name in batches[0]}
 
 
 def without_global_rng(batches):
@@ -334,11 +337,10 @@ def optimizer_for(args: Arguments, model) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, collator: PositionSeededCollator, accelerator: Accelerator) -> dict:
+def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
     """MLM loss (per masked token), perplexity and masked-token accuracy on the validation blocks."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-    collator.start(epoch=0, batch_index=0)  # the same masks at every evaluation
     for batch in without_global_rng(dataloader):
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
@@ -379,6 +381,17 @@ def save_checkpoint(accelerator: Accelerator, args: Arguments, state: dict) -> N
     accelerator.wait_for_everyone()
 
 
+def batch_geometry(args: Arguments, accelerator: Accelerator) -> dict:
+    """What fixes the data order and the masks: a resume with other values would silently train on other batches."""
+    return {
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "num_processes": accelerator.num_processes,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "max_seq_length": args.max_seq_length,
+        "seed": args.seed,
+    }
+
+
 def load_checkpoint(accelerator: Accelerator, args: Arguments) -> dict | None:
     """Restore model, optimizer, scheduler and RNG states; return the saved step counters (None: start afresh)."""
     found = checkpoints(args.output_dir)
@@ -389,11 +402,19 @@ def load_checkpoint(accelerator: Accelerator, args: Arguments) -> dict | None:
         path = found[-1]
     else:
         path = Path(args.resume_from_checkpoint)
+    state = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
+    saved, current = state.get("geometry", {}), batch_geometry(args, accelerator)
+    changed = [f"{key} {saved[key]} -> {value}" for key, value in current.items() if saved.get(key, value) != value]
+    if changed:
+        raise ValueError(
+            f"Checkpoint {path} was saved by a run with other batches ({', '.join(changed)}); resuming with them "
+            "would change the data order. Resume with the checkpoint's values (launch as many processes as it had), "
+            "or start a new run in another --output_dir."
+        )
     earlier = [str(candidate) for candidate in found if candidate.resolve() != path.resolve()]
     try:
-        if not (path / STATE_FILE).is_file():
+        if not state:
             raise FileNotFoundError(f"{STATE_FILE} is missing, so the save did not finish")
-        state = json.loads((path / STATE_FILE).read_text())
         accelerator.load_state(str(path))
     except Exception as error:
         hint = f" The previous checkpoint is {earlier[-1]}: pass it to --resume_from_checkpoint." if earlier else ""
@@ -402,9 +423,26 @@ def load_checkpoint(accelerator: Accelerator, args: Arguments) -> dict | None:
     return state
 
 
-def main():
-    (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
+def is_peer_failure(error: RuntimeError) -> bool:
+    """gloo and NCCL report a dead or hung peer as a DistError, or (in DDP's backward) a RuntimeError naming them."""
+    return isinstance(error, torch.distributed.DistError) or any(word in str(error) for word in ("gloo", "NCCL"))
+
+
+def make_accelerator(args: Arguments) -> Accelerator:
+    """accelerate's Accelerator; several launched processes without a GPU form one gloo data-parallel job.
+
+    Launched by `torchrun` or `accelerate launch --multi_gpu` on a machine without CUDA, accelerate would otherwise
+    run N independent copies that all write the same output folder.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    on_cpu = launched > 1 and not torch.cuda.is_available()
+    if on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise SystemExit(
+            "FSDP was requested, but there is no GPU: accelerate applies FSDP on GPUs only and would silently run "
+            "plain DDP on CPU. Launch with scripts/accelerate_configs/multi_gpu.yaml (DDP, works on CPU) or use GPUs."
+        )
     accelerator = Accelerator(
+        cpu=on_cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
@@ -412,9 +450,177 @@ def main():
         step_scheduler_with_optimizer=False,
         # The shuffling order is a function of (seed, epoch), so a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        # Luna's last layer updates P, which the MLM head never reads: DDP must expect parameters without gradient.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.model_type == "luna")],
+        kwargs_handlers=[
+            # Luna's last layer updates P, which the MLM head never reads: DDP must expect parameters without grad.
+            DistributedDataParallelKwargs(find_unused_parameters=args.model_type == "luna"),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
+        ],
     )
+    if accelerator.num_processes != launched:
+        raise SystemExit(
+            f"{launched} processes were launched but accelerate formed a job of {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); they would train {launched} separate copies. Launch with torchrun "
+            "or `accelerate launch --multi_gpu --num_processes N` (on CPU too), or run one process."
+        )
+    return accelerator
+
+
+def prepare_data(args: Arguments, accelerator: Accelerator):
+    """Tokenizer, training and validation dataloaders (blocks of --max_seq_length tokens, masked per block)."""
+    raw = load_raw_datasets(args)
+    columns = raw["train"].column_names or list(next(iter(raw["train"])).keys())
+    text_column = args.text_column_name or ("text" if "text" in columns else columns[0])
+    tokenizer = load_tokenizer(args, raw, text_column, accelerator)
+    tokenizer.model_max_length = args.max_seq_length
+    train_dataset, eval_dataset = tokenize_into_blocks(args, raw, tokenizer, text_column, accelerator)
+
+    def collator():
+        return BlockSeededCollator(DataCollatorForLanguageModeling(tokenizer, args.mlm_probability), args.seed)
+
+    train_dataloader = DataLoader(
+        train_dataset,
+        shuffle=not args.streaming,
+        collate_fn=collator(),
+        batch_size=args.per_device_train_batch_size,
+    )
+    eval_dataloader = DataLoader(eval_dataset, collate_fn=collator(), batch_size=args.per_device_eval_batch_size)
+    return tokenizer, train_dataloader, eval_dataloader
+
+
+def log_record(args: Arguments, accelerator: Accelerator, record: dict) -> None:
+    """One line of log_history.jsonl (main process), the console, and the trackers."""
+    if accelerator.is_local_main_process:
+        tqdm.write(json.dumps(record))
+    if accelerator.is_main_process:
+        with open(Path(args.output_dir) / "log_history.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
+    if args.with_tracking:
+        accelerator.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])
+
+
+def train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, eval_dataloader, state) -> None:
+    """The training loop: runs until state["completed_steps"] reaches --max_train_steps; updates `state` in place."""
+    progress = tqdm(
+        total=args.max_train_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process
+    )
+    # This process's summed loss over masked tokens and its masked tokens since the last log; tokens of all processes.
+    window, window_start = torch.zeros(2, dtype=torch.float64), time.perf_counter()
+    step_tokens = window_tokens = 0
+
+    def log(record: dict) -> None:
+        log_record(args, accelerator, {"step": state["completed_steps"], **record})
+
+    model.train()
+    while state["completed_steps"] < args.max_train_steps:
+        train_dataloader.set_epoch(state["epoch"])
+        train_dataloader.collate_fn.epoch = state["epoch"]
+        batches = train_dataloader
+        if state["batches_in_epoch"]:
+            batches = accelerator.skip_first_batches(train_dataloader, state["batches_in_epoch"])
+        for batch in without_global_rng(batches):
+            state["batches_in_epoch"] += 1
+            with accelerator.accumulate(model):
+                masked_here = (batch["labels"] != -100).sum()
+                masked_everywhere = accelerator.reduce(masked_here, "sum")
+                loss = model(**batch).loss
+                # DDP averages the processes' gradients; weighting each process's mean loss by its share of the
+                # masked tokens makes the step the mean over every masked token of the global batch, as one process
+                # with the whole batch computes it.
+                accelerator.backward(loss * (masked_here * accelerator.num_processes / masked_everywhere))
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                optimizer.zero_grad()
+            window += torch.stack([loss.detach().double().cpu() * masked_here.cpu(), masked_here.cpu().double()])
+            step_tokens += batch["input_ids"].numel() * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state["completed_steps"] += 1
+            state["tokens_seen"] += step_tokens
+            window_tokens, step_tokens = window_tokens + step_tokens, 0
+            progress.update(1)
+            step = state["completed_steps"]
+            if step % args.logging_steps == 0 or step == args.max_train_steps:
+                loss_sum, masked = accelerator.reduce(window.to(accelerator.device), "sum").tolist()
+                elapsed = time.perf_counter() - window_start
+                log(
+                    {
+                        "train_loss": loss_sum / max(masked, 1),
+                        "learning_rate": lr_scheduler.get_last_lr()[0],
+                        "tokens_per_second": window_tokens / elapsed,
+                        "tokens_seen": state["tokens_seen"],
+                        "epoch": state["epoch"],
+                    }
+                )
+                progress.set_postfix(loss=f"{loss_sum / max(masked, 1):.3f}")
+                window.zero_()
+                window_start, window_tokens = time.perf_counter(), 0
+            if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
+                log(evaluate(model, eval_dataloader, accelerator))
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, state)
+            if step >= args.max_train_steps:
+                break
+        if state["batches_in_epoch"] == 0:
+            raise ValueError("The training data yielded no batch.")
+        if state["completed_steps"] < args.max_train_steps:  # the epoch ran out: start the next one
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    progress.close()
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 of the model's tensors in name order (tied tensors once): equal on every process after a DDP step."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_agree(accelerator: Accelerator, model) -> str:
+    """With DDP every process holds the whole model, and the main process writes it: prove they hold the same one."""
+    fingerprint = weights_fingerprint(accelerator.unwrap_model(model))
+    fingerprints = gather_object([fingerprint])
+    if len(set(fingerprints)) > 1:
+        raise RuntimeError(f"The processes' weights differ after training ({fingerprints}); nothing was saved.")
+    logger.info(f"Weights identical on all {len(fingerprints)} processes (sha256 {fingerprint})")
+    return fingerprint
+
+
+def save_model(args, accelerator, model, tokenizer, results: dict) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP shards the weights: no process holds them all
+        results["weights_sha256"] = check_replicas_agree(accelerator, model)
+    accelerator.unwrap_model(model).save_pretrained(
+        args.output_dir,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(model),
+    )
+    if not accelerator.is_main_process:
+        return
+    tokenizer.save_pretrained(args.output_dir)
+    (Path(args.output_dir) / "all_results.json").write_text(json.dumps(results, indent=2))
+    logger.info(f"Saved the model and tokenizer to {args.output_dir}: {results}")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=args.hub_token)
+        repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            ignore_patterns=["checkpoints/*"],
+            commit_message="End of training",
+        )
+        logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+
+
+def main():
+    (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
+    accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if not accelerator.is_local_main_process:
@@ -423,30 +629,10 @@ def main():
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    raw = load_raw_datasets(args)
-    columns = raw["train"].column_names or list(next(iter(raw["train"])).keys())
-    text_column = args.text_column_name or ("text" if "text" in columns else columns[0])
-    tokenizer = load_tokenizer(args, raw, text_column, accelerator)
-    tokenizer.model_max_length = args.max_seq_length
+    # Data and model
+    tokenizer, train_dataloader, eval_dataloader = prepare_data(args, accelerator)
     model = build_model(args, tokenizer)
     model_type, num_parameters = model.config.model_type, model.num_parameters()
-    train_dataset, eval_dataset = tokenize_into_blocks(args, raw, tokenizer, text_column, accelerator)
-
-    train_collator, eval_collator = (
-        PositionSeededCollator(
-            DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability),
-            args.seed,
-            accelerator.process_index,
-        )
-        for _ in range(2)
-    )
-    train_dataloader = DataLoader(
-        train_dataset,
-        shuffle=not args.streaming,
-        collate_fn=train_collator,
-        batch_size=args.per_device_train_batch_size,
-    )
-    eval_dataloader = DataLoader(eval_dataset, collate_fn=eval_collator, batch_size=args.per_device_eval_batch_size)
     if args.max_train_steps is None:
         batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
         args.max_train_steps = args.num_train_epochs * math.ceil(batches_per_process / args.gradient_accumulation_steps)
@@ -472,120 +658,42 @@ def main():
         hparams.pop("hub_token")
         accelerator.init_trackers("tensorboard", config=hparams)
 
+    # Train
     state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "tokens_seen": 0}
     if args.resume_from_checkpoint:
         state = load_checkpoint(accelerator, args) or state
+    state["geometry"] = batch_geometry(args, accelerator)
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"***** Training {model_type}: {num_parameters / 1e6:.1f}M "
-        f"parameters, {args.max_train_steps} steps of {total_batch} blocks x {args.max_seq_length} tokens *****"
+        f"***** Training {model_type}: {num_parameters / 1e6:.1f}M parameters, {args.max_train_steps} steps of "
+        f"{total_batch} blocks x {args.max_seq_length} tokens on {accelerator.num_processes} process(es) *****"
     )
-
-    log_file = Path(args.output_dir) / "log_history.jsonl"
-    progress = tqdm(
-        total=args.max_train_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process
-    )
-    losses, window_tokens, logged_tokens = [], 0, 0
-    window_start = train_start = time.perf_counter()
-
-    def log(record: dict) -> None:
-        record = {"step": state["completed_steps"], **record}
-        if accelerator.is_local_main_process:
-            tqdm.write(json.dumps(record))
-        if accelerator.is_main_process:
-            with open(log_file, "a") as file:
-                file.write(json.dumps(record) + "\n")
-        if args.with_tracking:
-            accelerator.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])
-
-    model.train()
-    while state["completed_steps"] < args.max_train_steps:
-        train_dataloader.set_epoch(state["epoch"])
-        batches = train_dataloader
-        # Streamed data is skipped by collating and dropping batches, so the batch index then starts at 0.
-        train_collator.start(state["epoch"], 0 if args.streaming else state["batches_in_epoch"])
-        if state["batches_in_epoch"]:
-            batches = accelerator.skip_first_batches(train_dataloader, state["batches_in_epoch"])
-        for batch in without_global_rng(batches):
-            state["batches_in_epoch"] += 1
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.detach())
-            window_tokens += batch["input_ids"].numel() * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            state["completed_steps"] += 1
-            state["tokens_seen"] += window_tokens - logged_tokens
-            logged_tokens = window_tokens
-            progress.update(1)
-            step = state["completed_steps"]
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
-                train_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-                log(
-                    {
-                        "train_loss": train_loss,
-                        "learning_rate": lr_scheduler.get_last_lr()[0],
-                        "tokens_per_second": window_tokens / (time.perf_counter() - window_start),
-                        "tokens_seen": state["tokens_seen"],
-                        "epoch": state["epoch"],
-                    }
-                )
-                progress.set_postfix(loss=f"{train_loss:.3f}")
-                losses, window_tokens, logged_tokens, window_start = [], 0, 0, time.perf_counter()
-            if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
-                log(evaluate(model, eval_dataloader, eval_collator, accelerator))
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, state)
-            if step >= args.max_train_steps:
-                break
-        if state["batches_in_epoch"] == 0:
-            raise ValueError("The training data yielded no batch.")
-        if state["completed_steps"] < args.max_train_steps:  # the epoch ran out: start the next one
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-    progress.close()
+    train_start = time.perf_counter()
+    try:
+        train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, eval_dataloader, state)
+    except RuntimeError as error:  # torch.distributed.DistError is one
+        if accelerator.num_processes == 1 or not is_peer_failure(error):
+            raise
+        last = checkpoints(args.output_dir)
+        raise SystemExit(
+            f"Process {accelerator.process_index}: another process of the job failed or stopped answering ({error}). "
+            f"Stopping. The last complete checkpoint is {last[-1] if last else 'none'}: relaunch all processes with "
+            "--resume_from_checkpoint latest."
+        ) from error
     train_runtime = time.perf_counter() - train_start
 
-    metrics = evaluate(model, eval_dataloader, eval_collator, accelerator)
-    log(metrics)
+    # Evaluate and save
+    metrics = evaluate(model, eval_dataloader, accelerator)
+    log_record(args, accelerator, {"step": state["completed_steps"], **metrics})
     if args.with_tracking:
         accelerator.end_training()
-    accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).save_pretrained(
-        args.output_dir,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
-    )
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(args.output_dir)
-        results = {
-            **metrics,
-            "train_runtime": train_runtime,
-            "tokens_seen": state["tokens_seen"],
-            "step": state["completed_steps"],
-        }
-        (Path(args.output_dir) / "all_results.json").write_text(json.dumps(results, indent=2))
-        logger.info(f"Saved the model and tokenizer to {args.output_dir}: {results}")
-        if args.push_to_hub:
-            from huggingface_hub import HfApi
-
-            api = HfApi(token=args.hub_token)
-            repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
-            api.upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                ignore_patterns=["checkpoints/*"],
-                commit_message="End of training",
-            )
-            logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+    results = {
+        **metrics,
+        "train_runtime": train_runtime,
+        "tokens_seen": state["tokens_seen"],
+        "step": state["completed_steps"],
+    }
+    save_model(args, accelerator, model, tokenizer, results)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,8 @@ def test_tensorboard_receives_the_training_logs(workdir, uninterrupted):
 
 
 def test_two_processes_with_the_shipped_ddp_config(workdir, uninterrupted):
-    """`accelerate launch` with scripts/accelerate_configs/multi_gpu.yaml, run as 2 CPU processes (gloo)."""
+    """`accelerate launch` with scripts/accelerate_configs/multi_gpu.yaml on this GPU-less machine: one 2-process
+    gloo job, without any environment variable."""
     output_dir = workdir / "ddp"
     launcher = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -235,7 +236,7 @@ def test_two_processes_with_the_shipped_ddp_config(workdir, uninterrupted):
     )[1:]  # fmt: skip
     result = subprocess.run(
         launcher + arguments,
-        env={**environment(workdir), "ACCELERATE_USE_CPU": "true"},
+        env=environment(workdir),  # no ACCELERATE_USE_CPU: the script forms the gloo job itself
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
