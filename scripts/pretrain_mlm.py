@@ -99,6 +99,9 @@ class Arguments:
     train_tokenizer: bool = field(default=False, metadata={"help": "Train a byte-level BPE on the training text."})
     vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size for --train_tokenizer."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+    sparse_prediction: bool = field(
+        default=True, metadata={"help": "Luna: the MLM head runs only on the masked tokens (the same loss, faster)."}
+    )
     # Optimisation (defaults: the paper's Table 8)
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -242,6 +245,8 @@ def build_model(args: Arguments, tokenizer):
     longest = model.config.max_position_embeddings - model.config.pad_token_id - 1
     if args.max_seq_length > longest:
         raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's {longest} positions.")
+    if model.config.model_type == "luna":  # saved with the model; inference always returns every position's logits
+        model.config.sparse_prediction = args.sparse_prediction
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

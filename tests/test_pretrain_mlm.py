@@ -114,6 +114,7 @@ def test_loss_falls_and_outputs_are_complete(uninterrupted):
     assert [vocabulary[token] for token in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")] == [0, 1, 2, 3, 4]
     assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (1, 0, 2)
     assert config["max_position_embeddings"] == 32 + 2
+    assert config["sparse_prediction"] is True  # the script's default: the MLM head scores only masked tokens
     assert (uninterrupted / "modeling_luna.py").is_file() and (uninterrupted / "tokenizer.json").is_file()
 
 
@@ -283,6 +284,30 @@ def test_output_loads_with_auto_class_and_pipeline_without_luna_hf(workdir, unin
     assert result.stdout.startswith("OK LunaForMaskedLM")
 
 
+def script_module():
+    """scripts/pretrain_mlm.py imported as a module."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import pretrain_mlm
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return pretrain_mlm
+
+
+@pytest.mark.parametrize("model_type, sparse", [("luna", True), ("luna", False), ("roberta", None)])
+def test_sparse_prediction_is_set_for_luna_only(workdir, uninterrupted, model_type, sparse):
+    from transformers import AutoTokenizer
+
+    script = script_module()
+    args = script.Arguments(
+        output_dir=str(workdir / "unused"), train_file=str(workdir / "train.txt"), model_type=model_type,
+        config_overrides=TINY if model_type == "luna" else TINY_ROBERTA, max_seq_length=32,
+        tokenizer_name=str(uninterrupted), **({} if sparse is None else {"sparse_prediction": sparse}),
+    )  # fmt: skip
+    model = script.build_model(args, AutoTokenizer.from_pretrained(uninterrupted))
+    assert getattr(model.config, "sparse_prediction", None) is sparse
+
+
 @pytest.mark.parametrize(
     "train_file, extra, message",
     [
@@ -293,11 +318,6 @@ def test_output_loads_with_auto_class_and_pipeline_without_luna_hf(workdir, unin
     ],
 )
 def test_bad_arguments_give_clear_errors(workdir, train_file, extra, message):
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from pretrain_mlm import Arguments
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
     (workdir / "corpus.xyz").write_text("text\n")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        Arguments(output_dir=str(workdir / "unused"), train_file=str(workdir / train_file), **extra)
+        script_module().Arguments(output_dir=str(workdir / "unused"), train_file=str(workdir / train_file), **extra)

@@ -41,6 +41,11 @@ class LunaConfig(PreTrainedConfig):
             the valid slots of P, then LayerNorm; their `attention_classification_head`).
         classifier_dropout (`float`, *optional*): dropout of the classification heads; `None` uses
             `hidden_dropout_prob`.
+        sparse_prediction (`bool`, defaults to `False`): with `labels`, `LunaForMaskedLM` runs its head only on the
+            positions whose label is not `sparse_pred_ignore_index` (the authors' `masked_tokens`; ModernBERT's
+            option): the same loss, and logits of shape (labelled tokens, vocab_size). Without labels the logits
+            are always (batch_size, sequence_length, vocab_size). `scripts/pretrain_mlm.py` turns it on.
+        sparse_pred_ignore_index (`int`, defaults to -100): the label of positions the sparse head skips.
 
     Example:
 
@@ -71,6 +76,8 @@ class LunaConfig(PreTrainedConfig):
     dynamic_projection: bool = True
     classifier_pooling: str = "cls"
     classifier_dropout: float | int | None = None
+    sparse_prediction: bool = False
+    sparse_pred_ignore_index: int = -100
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):

@@ -478,9 +478,17 @@ class LunaForMaskedLM(LunaPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         r"""labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): token ids to predict,
-        -100 where no prediction is scored."""
+        -100 where no prediction is scored. With `config.sparse_prediction`, the logits are then those of the
+        labelled positions only, `(number of labelled tokens, vocab_size)`."""
         outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
-        logits = self.lm_head(outputs.last_hidden_state)
+        hidden_states = outputs.last_hidden_state
+        if self.config.sparse_prediction and labels is not None:
+            # As ModernBERT: the head (n x vocab_size logits, a large share of a pretraining step) runs only where a
+            # label is scored; the loss is the dense one.
+            labels = labels.flatten().to(hidden_states.device)
+            scored = labels != self.config.sparse_pred_ignore_index
+            hidden_states, labels = hidden_states.flatten(0, 1)[scored], labels[scored]
+        logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
