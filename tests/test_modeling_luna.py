@@ -257,6 +257,48 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_training_feed_forward_keeps_one_wide_tensor_and_the_plain_gradients(autocast_dtype):
+    """In training the FFN keeps fc1's output only and recomputes the activation in the backward pass; values and
+    gradients are those of fc2(gelu(fc1(x))) computed with plain ops here."""
+    torch.manual_seed(0)
+    layer = LunaModel(tiny_config()).layers[0].train()
+    hidden = torch.randn(3, 7, 32, requires_grad=True)
+    weights = [layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias]
+    autocast = torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    saved = []
+    with autocast, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        output = layer.feed_forward(hidden)
+    with autocast:
+        plain = F.linear(F.gelu(F.linear(hidden, *weights[:2])), *weights[2:])
+    assert sum(t.numel() == 3 * 7 * 48 for t in saved) == 1  # n x intermediate_size: fc1's output, not gelu's too
+    assert output.dtype == plain.dtype
+    gradients = torch.autograd.grad(output.float().square().sum(), [hidden, *weights])
+    expected = torch.autograd.grad(plain.float().square().sum(), [hidden, *weights])
+    tolerance = dict(atol=1e-6, rtol=1e-5) if autocast_dtype is None else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(output, plain, **tolerance)
+    for got, want in zip(gradients, expected, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_residual_dropout_keeps_a_one_byte_mask_and_scales_as_nn_dropout():
+    from luna_hf.modeling_luna import LunaDropout
+
+    torch.manual_seed(0)
+    dropout = LunaDropout(0.25).train()
+    inputs = torch.ones(200, 300, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dropped = dropout(inputs)
+    assert [t.dtype for t in saved] == [torch.bool]
+    assert dropped.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    assert (dropped == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    dropped.sum().backward()
+    assert torch.equal(inputs.grad, dropped.detach())
+    assert dropout.eval()(inputs) is inputs
+
+
 def test_save_load_round_trip_is_exact_and_folder_carries_remote_code(tmp_path):
     torch.manual_seed(0)
     model = LunaForMaskedLM(tiny_config()).eval()

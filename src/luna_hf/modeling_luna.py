@@ -90,6 +90,16 @@ class LunaModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+class LunaDropout(nn.Dropout):
+    """`nn.Dropout` that keeps a 1-byte mask for the backward pass (`torch.native_dropout`), where
+    `nn.functional.dropout` on CPU keeps a 4-byte one: the layer's residual dropouts are n x d each."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return input
+        return torch.native_dropout(input, self.p, True)[0]
+
+
 class LunaEmbeddings(nn.Module):
     """Token states X as in RoBERTa (tokens + learned positions, LayerNorm, dropout) and the first layer's P."""
 
@@ -104,7 +114,7 @@ class LunaEmbeddings(nn.Module):
         # P is itself a learned positional embedding (paper §3.1): no position term, its own LayerNorm.
         self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
         self.projected_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = LunaDropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, inputs_embeds, token_mask, slot_mask):
         if inputs_embeds is None:
@@ -203,6 +213,33 @@ class LunaAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+class ActivationThenLinear(torch.autograd.Function):
+    """`linear(activation(x))` that keeps only x for the backward pass and recomputes activation(x) there.
+
+    x and activation(x) are a layer's widest tensors (n x intermediate_size); an elementwise activation is cheap to
+    recompute, so the feed-forward block keeps one of them instead of both.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation):
+        output = nn.functional.linear(activation(x), weight, bias)  # under autocast: in its dtype
+        ctx.save_for_backward(x, weight)
+        ctx.activation = activation
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            activated = ctx.activation(x)
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = grad_rows.T @ activated.detach().reshape(-1, activated.shape[-1]).to(grad_output.dtype)
+        grad_activated = grad_output @ weight.to(grad_output.dtype)
+        (grad_x,) = torch.autograd.grad(activated, x, grad_activated.to(activated.dtype))
+        return grad_x, grad_weight.to(weight.dtype), grad_rows.sum(0).to(weight.dtype), None
+
+
 class LunaLayer(GradientCheckpointingLayer):
     """One Luna layer (paper Eq. 6, post-LayerNorm): pack, unpack, residuals on X and on P, feed-forward on X only."""
 
@@ -217,7 +254,7 @@ class LunaLayer(GradientCheckpointingLayer):
         self.activation = ACT2FN[config.hidden_act]
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = LunaDropout(config.hidden_dropout_prob)
 
     def forward(
         self,
@@ -233,9 +270,17 @@ class LunaLayer(GradientCheckpointingLayer):
 
         packed_states = self.packed_layer_norm(packed_states + self.dropout(packed_context))
         hidden_states = self.attention_layer_norm(hidden_states + self.dropout(unpacked))
-        feed_forward = self.fc2(self.activation_dropout(self.activation(self.fc1(hidden_states))))
-        hidden_states = self.ffn_layer_norm(hidden_states + self.dropout(feed_forward))
+        hidden_states = self.ffn_layer_norm(hidden_states + self.dropout(self.feed_forward(hidden_states)))
         return hidden_states, packed_states
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        intermediate = self.fc1(hidden_states)
+        # Training: recompute the activation in the backward pass rather than keep it (a plain nn.Linear only, so
+        # that adapters or quantized layers replacing fc2 keep their own forward).
+        if torch.is_grad_enabled() and self.activation_dropout.p == 0.0 and type(self.fc2) is nn.Linear:
+            if not is_tracing(intermediate):
+                return ActivationThenLinear.apply(intermediate, self.fc2.weight, self.fc2.bias, self.activation)
+        return self.fc2(self.activation_dropout(self.activation(intermediate)))
 
 
 class LunaPackedMaxPooler(nn.Module):
