@@ -7,6 +7,7 @@ folders carry `configuration_luna.py`, `modeling_luna.py` and a complete `auto_m
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
@@ -16,6 +17,8 @@ from transformers import (
 
 from .configuration_luna import LunaConfig
 from .modeling_luna import (
+    LunaDecoderModel,
+    LunaForCausalLM,
     LunaForMaskedLM,
     LunaForMultipleChoice,
     LunaForQuestionAnswering,
@@ -35,6 +38,7 @@ AUTO_CLASSES = {
     AutoModelForTokenClassification: LunaForTokenClassification,
     AutoModelForMultipleChoice: LunaForMultipleChoice,
     AutoModelForQuestionAnswering: LunaForQuestionAnswering,
+    AutoModelForCausalLM: LunaForCausalLM,
 }
 
 AutoConfig.register(LunaConfig.model_type, LunaConfig, exist_ok=True)
@@ -45,6 +49,8 @@ for _auto_class, _model_class in AUTO_CLASSES.items():
 
 __all__ = [
     "LunaConfig",
+    "LunaDecoderModel",
+    "LunaForCausalLM",
     "LunaForMaskedLM",
     "LunaForMultipleChoice",
     "LunaForQuestionAnswering",

@@ -17,6 +17,7 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 CLASSIFIER_POOLINGS = ("cls", "packed_mean", "packed_max", "packed_attention")
+CAUSAL_ACTIVATIONS = ("softplus", "elu")
 
 
 class LunaConfig(PreTrainedConfig):
@@ -46,6 +47,16 @@ class LunaConfig(PreTrainedConfig):
             option): the same loss, and logits of shape (labelled tokens, vocab_size). Without labels the logits
             are always (batch_size, sequence_length, vocab_size). `scripts/pretrain_mlm.py` turns it on.
         sparse_pred_ignore_index (`int`, defaults to -100): the label of positions the sparse head skips.
+
+    Fields of the causal (decoder-only) Luna of paper §3.3, `LunaForCausalLM`:
+        is_decoder (`bool`, defaults to `False`): build the causal model: every layer attends over its own learned P
+            (a parameter, so P holds no information about the tokens) and position t sees tokens 1..t only.
+        causal_activation (`str`, defaults to `"softplus"`): ω of the causal pack attention, never softmax:
+            `"softplus"` is the authors' softplus with β = ln 2, i.e. log2(1 + 2^z); `"elu"` is elu(z) + 1 (their
+            code before 2021-08).
+        causal_chunk_size (`int`, defaults to 64): c, the chunk length of the parallel causal form (a masked c x c
+            product within a chunk, running sums across chunks).
+        use_cache (`bool`, defaults to `True`): return the running sums (a constant-size cache) for `generate()`.
 
     Example:
 
@@ -78,6 +89,10 @@ class LunaConfig(PreTrainedConfig):
     classifier_dropout: float | int | None = None
     sparse_prediction: bool = False
     sparse_pred_ignore_index: int = -100
+    is_decoder: bool = False
+    causal_activation: str = "softplus"
+    causal_chunk_size: int = 64
+    use_cache: bool = True
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
@@ -93,6 +108,7 @@ class LunaConfig(PreTrainedConfig):
             "num_attention_heads",
             "intermediate_size",
             "projected_length",
+            "causal_chunk_size",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"LunaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
@@ -107,6 +123,10 @@ class LunaConfig(PreTrainedConfig):
         if self.classifier_pooling not in CLASSIFIER_POOLINGS:
             raise ValueError(
                 f"LunaConfig.classifier_pooling must be one of {CLASSIFIER_POOLINGS}, got {self.classifier_pooling!r}."
+            )
+        if self.causal_activation not in CAUSAL_ACTIVATIONS:
+            raise ValueError(
+                f"LunaConfig.causal_activation must be one of {CAUSAL_ACTIVATIONS}, got {self.causal_activation!r}."
             )
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"LunaConfig.hidden_act must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}.")
@@ -126,6 +146,18 @@ class LunaConfig(PreTrainedConfig):
     def max_sequence_length(self) -> int:
         """The longest input this model accepts: RoBERTa-style positions start after the padding index."""
         return self.max_position_embeddings - self.pad_token_id - 1
+
+    @property
+    def layer_types(self) -> list[str] | None:
+        """Cache layout for `generate()`: the causal model keeps running sums per layer, which transformers' cache
+        holds in linear-attention layers (`DynamicCache(config=...)`); the encoder has no cache."""
+        return ["linear_attention"] * self.num_hidden_layers if self.is_decoder else None
+
+    @property
+    def number_of_conv_states(self) -> int:
+        """Tensors per cache layer (transformers' name): the key sums, value sums, token count and pack queries of
+        `LunaCausalAttention`."""
+        return 4
 
 
 __all__ = ["LunaConfig"]
