@@ -16,7 +16,9 @@ where the last step time, scaled linearly in the length, already cannot fit the 
 Writes `<prefix>results.csv`, `<prefix>results.md` (ratios against RoBERTa-SDPA with attention dropout 0.1 in the
 layout of Table 2, absolute numbers, the targets) and log-log plots `<prefix>{train,inference}.png` (needs
 matplotlib). `--max_length_search` estimates the longest sequence a base-size Luna-16 trains on at batch 1 within the
-machine's memory; `--profile MODEL` writes a torch.profiler table of its training step. See docs/benchmarks.md.
+machine's memory; `--profile MODEL` writes a torch.profiler table of its training step; `--sparse_mlm` times
+LunaForMaskedLM pretraining steps with the MLM head on every token and on the masked ones only (`sparse_mlm.md`).
+See docs/benchmarks.md.
 """
 
 import csv
@@ -49,7 +51,7 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from luna_hf import LunaConfig, LunaForSequenceClassification
+from luna_hf import LunaConfig, LunaForMaskedLM, LunaForSequenceClassification
 
 SIZES = {  # layers, width, heads, FFN
     "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256),
@@ -72,6 +74,9 @@ MODELS = {
     "floor": ("floor", dict(attn_implementation="sdpa")),
 }
 BASELINE, FLOOR, LUNA_TARGET = "roberta-sdpa", "floor", "luna-16"
+# --sparse_mlm: scripts/pretrain_mlm.py's presets with real vocabularies -> (size, projected length, vocabulary).
+MLM_PRESETS = {"luna-small": ("small", 32, 8192), "luna-base": ("base", 128, 50265),
+               "luna-base-16": ("base", 16, 50265)}
 MODES = ("train", "inference")
 STATUS_SHORT = {"oom": "OOM", "timeout": "time", "skipped": "—", "error": "err", "crashed": "crash"}
 CSV_FIELDS = ["device", "size", "model", "mode", "seq_len", "batch_size", "status", "steps_per_s", "tokens_per_s",
@@ -104,11 +109,17 @@ class BenchmarkArguments:
     search_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096],
                                       metadata={"help": "Lengths measured for --max_length_search's linear fit."})
     profile: str | None = field(default=None, metadata={"help": "Only profile this model's training step."})
+    sparse_mlm: bool = field(default=False, metadata={"help": "Only time LunaForMaskedLM training steps, MLM head on "
+                                                             "every token vs on the masked ones (sparse_mlm.md)."})
+    mlm_presets: list[str] = field(default_factory=lambda: ["luna-small", "luna-base"],
+                                   metadata={"help": f"Models for --sparse_mlm, any of {list(MLM_PRESETS)}."})
     profile_length: int = field(default=4096)
 
     def __post_init__(self):
         problems = [f"unknown model {name!r}" for name in self.models if name not in MODELS]
         problems += [f"unknown mode {mode!r}" for mode in self.modes if mode not in MODES]
+        problems += [f"unknown MLM preset {name!r} (one of {list(MLM_PRESETS)})" for name in self.mlm_presets
+                     if name not in MLM_PRESETS]
         if self.size not in SIZES:
             problems.append(f"unknown size {self.size!r}")
         if self.profile is not None and self.profile not in MODELS:
@@ -253,6 +264,8 @@ def run_configuration(args_dict: dict, name: str, mode: str, seq_len: int) -> di
     torch.manual_seed(0)
     device = torch.device(args_dict["device"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if mode == "mlm":
+        return compare_mlm_heads(args_dict, name, seq_len, device, sync)
     model = build_model(name, args_dict["size"], seq_len, args_dict["vocab_size"]).to(device)
     batch = make_batch(args_dict, seq_len, device)
     torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)  # start the thread pool before the meter
@@ -274,6 +287,44 @@ def run_configuration(args_dict: dict, name: str, mode: str, seq_len: int) -> di
     return dict(status="ok", median_s=median, steps_per_s=1 / median,
                 tokens_per_s=args_dict["batch_size"] * seq_len / median, repeats=len(times),
                 peak_mem_mib=(peak - meter.baseline) / 2**20, peak_rss_mib=peak / 2**20)
+
+
+def compare_mlm_heads(args_dict: dict, name: str, seq_len: int, device: torch.device, sync) -> dict:
+    """LunaForMaskedLM training steps on one model and batch (15% of the tokens labelled), the head on the labelled
+    tokens (`sparse_prediction`) and on every token (dense) in turn. Peak memory growth: after the sparse warm-up,
+    which runs first, and after every step (the dense one's, whose n x vocab logits are the larger)."""
+    size, projected_length, vocab_size = MLM_PRESETS[name]
+    config = LunaConfig(**SIZES[size], projected_length=projected_length, vocab_size=vocab_size,
+                        max_position_embeddings=seq_len + 2)
+    model = LunaForMaskedLM(config).to(device)
+    batch = make_batch(dict(args_dict, vocab_size=vocab_size), seq_len, device)
+    masked = torch.rand(batch["input_ids"].shape, generator=torch.Generator().manual_seed(1)).to(device) < 0.15
+    batch["labels"] = torch.where(masked, batch["input_ids"], -100)
+    torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)
+    meter = MemoryMeter(device, int(args_dict["memory_limit_gb"] * 2**30))
+    step, times, peaks = make_step(model, "train", batch, args_dict["dtype"], device), {True: [], False: []}, {}
+    for sparse in (True, False):
+        model.config.sparse_prediction = sparse
+        for _ in range(max(1, args_dict["warmup"])):
+            step()
+        sync()
+        peaks[sparse] = meter.peak() - meter.baseline
+    while len(times[False]) < args_dict["repeats"] and (
+        len(times[False]) < args_dict["min_repeats"] or sum(times[True] + times[False]) < args_dict["measure_seconds"]
+    ):
+        for sparse in (True, False):
+            model.config.sparse_prediction = sparse
+            start = time.perf_counter()
+            step()
+            sync()
+            times[sparse].append(time.perf_counter() - start)
+    peaks[False] = meter.peak() - meter.baseline
+    tokens = args_dict["batch_size"] * seq_len
+    return dict(status="ok", repeats=len(times[False]), masked=int(masked.sum()),
+                **{f"{variant}_{key}": value for variant, sparse in (("sparse", True), ("dense", False))
+                   for key, value in (("median_s", statistics.median(times[sparse])),
+                                      ("tokens_per_s", tokens / statistics.median(times[sparse])),
+                                      ("peak_mem_mib", peaks[sparse] / 2**20))})
 
 
 def child_main(connection, args_dict: dict, name: str, mode: str, seq_len: int):
@@ -528,6 +579,41 @@ def max_length_search(args: BenchmarkArguments, output_dir: Path) -> Path:
     return path
 
 
+def sparse_mlm_comparison(args: BenchmarkArguments, output_dir: Path) -> Path:
+    """`compare_mlm_heads` for every --mlm_presets model and length, each in a fresh process."""
+    before, context = environment(args), new_context()
+    lines = ["| Model | layers×width, FFN, l | vocab | tokens | dense tokens/s | sparse tokens/s | sparse speed-up | "
+             "timed steps | peak memory growth dense / sparse (MiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in args.mlm_presets:
+        size, projected_length, vocab_size = MLM_PRESETS[name]
+        shape = SIZES[size]
+        for n in tqdm(args.lengths, desc=name):
+            row = measure(context, args, name, "mlm", n)
+            if row["status"] == "ok":
+                cells = [f"{row['dense_tokens_per_s']:,.0f}", f"{row['sparse_tokens_per_s']:,.0f}",
+                         f"{row['dense_median_s'] / row['sparse_median_s']:.2f}×", f"{row['repeats']} each",
+                         f"{row['dense_peak_mem_mib']:,.0f} / {row['sparse_peak_mem_mib']:,.0f}"]
+            else:
+                cells = [STATUS_SHORT.get(row["status"], row["status"])] * 4 + [row.get("error", "")]
+            lines.append(f"| {name} | {shape['num_hidden_layers']}×{shape['hidden_size']}, FFN "
+                         f"{shape['intermediate_size']}, l={projected_length} | {vocab_size:,} | {args.batch_size}×"
+                         f"{label(n)} | " + " | ".join(cells) + " |")
+    after = environment(args)
+    path = output_dir / f"{args.prefix}sparse_mlm.md"
+    path.write_text(
+        f"### MLM head: sparse vs dense prediction, LunaForMaskedLM training step ({args.device})\n\n"
+        f"Command: `python {' '.join(sys.argv)}`\n\nForward, backward and AdamW step on random tokens with 15% of "
+        f"them labelled, {args.dtype}; the head on every token (dense, `sparse_prediction=False`) and on the "
+        f"labelled ones (sparse) in turn on one model and batch, in a fresh process per row: warm-up steps "
+        f"({max(1, args.warmup)} each, sparse first), then alternate steps, the median of each. Peak memory growth "
+        f"over the built model, with gradients and AdamW state: sparse after its warm-up, dense over the whole run "
+        f"(its n × vocab logits are the larger). Device: {before['device']}, {before['threads']} threads; torch "
+        f"{before['torch']}, transformers {before['transformers']}; load average before "
+        f"{before['load_average'][0]:.2f}, after {after['load_average'][0]:.2f}.\n\n" + "\n".join(lines) + "\n"
+    )
+    return path
+
+
 def profile_model(args: BenchmarkArguments, output_dir: Path) -> Path:
     from torch.profiler import ProfilerActivity, profile
 
@@ -563,8 +649,8 @@ def main():
     if args.profile:
         print(f"Wrote {profile_model(args, output_dir)}")
         return
-    if args.max_length_search:
-        path = max_length_search(args, output_dir)
+    if args.max_length_search or args.sparse_mlm:
+        path = (max_length_search if args.max_length_search else sparse_mlm_comparison)(args, output_dir)
         print(path.read_text())
         return
     before = environment(args)

@@ -105,3 +105,12 @@ def test_checkpointing_variant_is_luna_16_with_recomputation(script):
     assert recomputing.is_gradient_checkpointing and not plain.is_gradient_checkpointing
     assert recomputing.config.projected_length == 16 == plain.config.projected_length
     assert plain.state_dict().keys() == recomputing.state_dict().keys()
+
+
+def test_sparse_mlm_compares_the_two_heads(tmp_path):
+    run_benchmark(tmp_path, "--sparse_mlm", "--mlm_presets", "luna-small", "--lengths", "32")
+    rows = [line for line in (tmp_path / "sparse_mlm.md").read_text().splitlines() if line.startswith("| luna-small")]
+    assert len(rows) == 1 and rows[0].startswith("| luna-small | 4×256, FFN 1024, l=32 | 8,192 | 1×32 | "), rows
+    dense, sparse, speedup, steps, memory = rows[0].split(" | ")[4:9]  # numbers, not a failure status
+    assert float(dense.replace(",", "")) > 0 and float(sparse.replace(",", "")) > 0 and speedup.endswith("×")
+    assert steps == "2 each" and " / " in memory
