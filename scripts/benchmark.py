@@ -22,6 +22,7 @@ See docs/benchmarks.md.
 """
 
 import csv
+import ctypes
 import gc
 import json
 import math
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 from transformers import (
     BigBirdConfig,
@@ -80,7 +82,7 @@ MLM_PRESETS = {"luna-small": ("small", 32, 8192), "luna-base": ("base", 128, 502
 MODES = ("train", "inference")
 STATUS_SHORT = {"oom": "OOM", "timeout": "time", "skipped": "—", "error": "err", "crashed": "crash"}
 CSV_FIELDS = ["device", "size", "model", "mode", "seq_len", "batch_size", "status", "steps_per_s", "tokens_per_s",
-              "median_s", "repeats", "peak_mem_mib", "peak_rss_mib", "error"]
+              "median_s", "repeats", "peak_mem_mib", "peak_rss_mib", "gflop", "error"]
 CHILD_PRELOAD = ["torch", "transformers", "luna_hf", "__main__"]
 
 
@@ -100,14 +102,24 @@ class BenchmarkArguments:
     memory_limit_gb: float = field(default=8.0, metadata={"help": "Memory growth allowed per configuration (GiB)."})
     vocab_size: int = field(default=512, metadata={"help": "Byte-level vocabulary, as in LRA Text."})
     threads: int = field(default=0, metadata={"help": "torch threads per configuration (0: torch's default)."})
+    malloc_mmap_threshold: int = field(
+        default=0, metadata={"help": "CPU: glibc mmap threshold in bytes for each configuration (0: glibc's dynamic "
+                             "default). With e.g. 131072 every large block is returned to the OS when freed, so peak "
+                             "RSS measures live memory, as max_memory_allocated does on CUDA (steps run slower)."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)."})
     dtype: str = field(default="float32", metadata={"help": "float32, or bfloat16 (autocast, GPU)."})
     output_dir: str = field(default="benchmarks/results")
     prefix: str = field(default="", metadata={"help": "File name prefix; default '' on CPU, 'gpu_' on CUDA."})
-    max_length_search: bool = field(default=False, metadata={"help": "Only estimate base Luna-16's longest train "
-                                                                       "length at batch 1 (writes max_length.md)."})
-    search_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096],
-                                      metadata={"help": "Lengths measured for --max_length_search's linear fit."})
+    max_length_search: bool = field(default=False, metadata={"help": "Only find the longest base-size training "
+                                                                       "length by real steps (max_length.md)."})
+    search_models: list[str] = field(default_factory=lambda: ["luna-16", "luna-16-checkpointing", "roberta-sdpa"],
+                                     metadata={"help": "Models for --max_length_search (any name + -checkpointing)."})
+    search_start: int = field(default=4096, metadata={"help": "--max_length_search: first length; it doubles."})
+    search_stop: int = field(default=131072, metadata={"help": "--max_length_search: longest length tried."})
+    search_resolution: int = field(default=4096, metadata={"help": "--max_length_search: bisect to this many tokens."})
+    search_size: str = field(default="base", metadata={"help": "--max_length_search: model shape."})
+    search_memory_gb: float = field(default=0.0, metadata={"help": "--max_length_search: memory allowed per step "
+                                                                    "(0: what the OS reports available)."})
     profile: str | None = field(default=None, metadata={"help": "Only profile this model's training step."})
     sparse_mlm: bool = field(default=False, metadata={"help": "Only time LunaForMaskedLM training steps, MLM head on "
                                                              "every token vs on the masked ones (sparse_mlm.md)."})
@@ -117,14 +129,15 @@ class BenchmarkArguments:
 
     def __post_init__(self):
         problems = [f"unknown model {name!r}" for name in self.models if name not in MODELS]
+        problems += [f"unknown model {name!r}" for name in self.search_models
+                     if name.removesuffix("-checkpointing") not in MODELS]
         problems += [f"unknown mode {mode!r}" for mode in self.modes if mode not in MODES]
         problems += [f"unknown MLM preset {name!r} (one of {list(MLM_PRESETS)})" for name in self.mlm_presets
                      if name not in MLM_PRESETS]
-        if self.size not in SIZES:
-            problems.append(f"unknown size {self.size!r}")
+        problems += [f"unknown size {size!r}" for size in (self.size, self.search_size) if size not in SIZES]
         if self.profile is not None and self.profile not in MODELS:
             problems.append(f"unknown model to profile {self.profile!r}")
-        if any(length < 1 for length in self.lengths + self.search_lengths) or self.batch_size < 1:
+        if min(self.lengths + [self.search_start, self.search_resolution, self.batch_size]) < 1:
             problems.append("lengths and batch size must be positive")
         if not 1 <= self.min_repeats <= self.repeats or self.warmup < 0:
             problems.append("need 1 <= min_repeats <= repeats and warmup >= 0")
@@ -148,11 +161,11 @@ class AttentionFree(nn.Module):
 
 
 def build_model(name: str, size: str, seq_len: int, vocab_size: int) -> nn.Module:
-    family, settings = MODELS[name]
-    if settings.get("gradient_checkpointing"):
+    if name.endswith("-checkpointing"):
         model = build_model(name.removesuffix("-checkpointing"), size, seq_len, vocab_size)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+    family, settings = MODELS[name]
     common = dict(SIZES[size], vocab_size=vocab_size, num_labels=2, hidden_dropout_prob=0.1,
                   attention_probs_dropout_prob=0.1, pad_token_id=1)
     common.update(settings)
@@ -261,6 +274,8 @@ def run_configuration(args_dict: dict, name: str, mode: str, seq_len: int) -> di
     transformers.logging.set_verbosity_error()
     if args_dict["threads"]:
         torch.set_num_threads(args_dict["threads"])
+    if args_dict["malloc_mmap_threshold"]:
+        ctypes.CDLL("libc.so.6").mallopt(-3, args_dict["malloc_mmap_threshold"])  # -3: M_MMAP_THRESHOLD
     torch.manual_seed(0)
     device = torch.device(args_dict["device"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -284,7 +299,9 @@ def run_configuration(args_dict: dict, name: str, mode: str, seq_len: int) -> di
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     peak = meter.peak()
-    return dict(status="ok", median_s=median, steps_per_s=1 / median,
+    with FlopCounterMode(display=False) as flop_counter:  # one more step: the FLOPs it counts, not its time
+        step()
+    return dict(status="ok", median_s=median, steps_per_s=1 / median, gflop=flop_counter.get_total_flops() / 1e9,
                 tokens_per_s=args_dict["batch_size"] * seq_len / median, repeats=len(times),
                 peak_mem_mib=(peak - meter.baseline) / 2**20, peak_rss_mib=peak / 2**20)
 
@@ -468,10 +485,11 @@ def target_checks(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     checks.append(("128: Luna-16 step time ≤ 1.1× RoBERTa-SDPA's", "not measured" if slowdown is None
                    else f"{slowdown:.2f}×", None if slowdown is None else slowdown <= 1.1))
     for n in sorted({int(row["seq_len"]) for row in rows if int(row["seq_len"]) >= 1024}):
-        over_floor = ratio(FLOOR, LUNA_TARGET, n, "steps_per_s")
-        checks.append((f"{label(n)}: Luna-16 step time ≤ 1.3× the attention-free floor's",
-                       "not measured" if over_floor is None else f"{over_floor:.2f}×",
-                       None if over_floor is None else over_floor <= 1.3))
+        # Luna computes more than the floor (its attention and projections): compare FLOP rates, not step times.
+        speed, work = ratio(LUNA_TARGET, FLOOR, n, "steps_per_s"), ratio(LUNA_TARGET, FLOOR, n, "gflop")
+        rate = None if speed is None or work is None else speed * work
+        checks.append((f"{label(n)}: Luna-16's FLOP rate relative to the attention-free floor's (a figure)",
+                       "not measured" if rate is None else f"{rate:.2f} ({work:.2f}× the FLOPs)", None))
     return checks
 
 
@@ -546,35 +564,65 @@ def plot(rows: list[dict], args: BenchmarkArguments, output_dir: Path) -> list[P
     return paths
 
 
+def available_memory() -> int:
+    """Bytes the OS reports as available now (MemAvailable): the budget a new process can really use."""
+    with open("/proc/meminfo") as meminfo:
+        return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+
+
+def longest_fitting(context, search: BenchmarkArguments, name: str) -> tuple[list[dict], int | None, int | None]:
+    """Real training steps of `name` at batch 1, each in a fresh process: from --search_start double while a step
+    fits (or halve while it does not), then bisect between the longest that fitted and the shortest that did not,
+    to --search_resolution."""
+    tries, fits, fails, n = [], None, None, search.search_start
+    while 256 <= n <= search.search_stop and not (fits and fails):
+        tries.append(measure(context, search, name, "train", n))
+        if tries[-1]["status"] == "ok":
+            fits, n = n, 2 * n
+        else:
+            fails, n = n, n // 2
+    while fits and fails and fails - fits > search.search_resolution:
+        n = (fits + fails) // 2 // 256 * 256
+        tries.append(measure(context, search, name, "train", n))
+        fits, fails = (n, fails) if tries[-1]["status"] == "ok" else (fits, n)
+    return tries, fits, fails
+
+
 def max_length_search(args: BenchmarkArguments, output_dir: Path) -> Path:
-    """Peak memory of a base-size Luna-16 training step at batch 1 is linear in the length (no n x n or n x l x d
-    tensor): measure it at `--search_lengths`, fit a line and solve it for the machine's memory."""
-    search = BenchmarkArguments(**{**asdict(args), "size": "base", "batch_size": 1, "warmup": 1, "repeats": 1,
-                                   "min_repeats": 1, "lengths": args.search_lengths})
+    """The longest training sequence of each --search_models model at base size and batch 1, found by running."""
     on_gpu = args.device == "cuda"
-    budget = torch.cuda.get_device_properties(0).total_memory if on_gpu else (
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    search.memory_limit_gb = budget / 2**30
-    context, points = new_context(), []
-    for n in tqdm(args.search_lengths, desc="max-length search"):
-        row = measure(context, search, LUNA_TARGET, "train", n)
-        if row["status"] != "ok":
-            raise RuntimeError(f"Max-length search: {row['status']} at {n} tokens ({row.get('error', '')}).")
-        points.append((n, float(row["peak_rss_mib"]), float(row["median_s"])))
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
-    intercept = mean_y - slope * mean_x
-    worst = max(abs(y - intercept - slope * x) for x, y in zip(xs, ys, strict=True))
-    longest = int((budget / 2**20 - intercept) / slope)
-    measured = ", ".join(f"{label(n)}: {rss / 1024:.2f} GiB in {sec:.1f} s" for n, rss, sec in points)
+    if args.search_memory_gb:
+        budget, budget_source = int(args.search_memory_gb * 2**30), "--search_memory_gb"
+    elif on_gpu:
+        budget, budget_source = torch.cuda.get_device_properties(0).total_memory, "the GPU"
+    else:
+        budget, budget_source = available_memory(), "MemAvailable when the search started"
+    search = BenchmarkArguments(**{**asdict(args), "size": args.search_size, "batch_size": 1, "warmup": 0,
+                                   "repeats": 1, "min_repeats": 1, "memory_limit_gb": budget / 2**30})
+    shape = SIZES[args.search_size]
+    context, sections = new_context(), []
+    for name in tqdm(args.search_models, desc="max-length search"):
+        tries, fits, fails = longest_fitting(context, search, name)
+        rows = [f"| {row['seq_len']:,} | {STATUS_SHORT.get(row['status'], row['status'])} | "
+                + (f"{row['peak_mem_mib'] / 1024:.2f} | {row['median_s']:.1f} |" if row["status"] == "ok" else
+                   f"— | {'—' if row['status'] == 'oom' else row.get('error', '')} |") for row in tries]
+        if fails is None:
+            verdict = f"every length up to --search_stop fits: **≥ {fits:,} tokens** (longer not tried)"
+        elif fits is None:
+            verdict = f"even {fails:,} tokens do not fit"
+        else:
+            verdict = f"**{fits:,} tokens** fit; {fails:,} do not"
+        sections.append(f"**{name}**: {verdict}.\n\n| tokens | result | peak memory growth (GiB) | step (s) |\n"
+                        f"|---:|---|---:|---:|\n" + "\n".join(rows))
     path = output_dir / f"{args.prefix}max_length.md"
     path.write_text(
-        f"### Longest training sequence: base size (12/768/12/3072), Luna-16, batch 1, {args.dtype}\n\n"
-        f"Command: `python {' '.join(sys.argv)}`\n\nPeak {'GPU memory allocated' if on_gpu else 'process RSS'} "
-        f"of a training step (forward, backward, AdamW): {measured}. Linear fit: {intercept / 1024:.2f} GiB + "
-        f"{slope:.2f} GiB per 1K tokens (largest residual {worst:.0f} MiB), so the {budget / 2**30:.1f} GiB of this "
-        f"{'GPU' if on_gpu else 'machine'} hold about **{longest:,} tokens** ({longest / 1024:.0f}K) at batch 1.\n"
+        f"### Longest training sequence: {args.search_size} size ({shape['num_hidden_layers']}/{shape['hidden_size']}/"
+        f"{shape['num_attention_heads']}/{shape['intermediate_size']}), batch 1, {args.dtype}\n\n"
+        f"Command: `python {' '.join(sys.argv)}`\n\nEach row is one real training step (forward, backward, AdamW "
+        f"with its state allocated) in a fresh process, allowed {budget / 2**30:.1f} GiB "
+        f"({budget_source}) and --time_limit "
+        f"{args.time_limit:g} s; the length doubles from {args.search_start:,} while a step fits, then bisects to "
+        f"{args.search_resolution:,} tokens.\n\n" + "\n\n".join(sections) + "\n"
     )
     return path
 

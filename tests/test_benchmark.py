@@ -114,3 +114,24 @@ def test_sparse_mlm_compares_the_two_heads(tmp_path):
     dense, sparse, speedup, steps, memory = rows[0].split(" | ")[4:9]  # numbers, not a failure status
     assert float(dense.replace(",", "")) > 0 and float(sparse.replace(",", "")) > 0 and speedup.endswith("×")
     assert steps == "2 each" and " / " in memory
+
+
+def test_max_length_search_doubles_then_bisects_with_real_steps(tmp_path):
+    """Tiny models in 0.15 GiB: RoBERTa's n x n maps stop it long before Luna; every verdict is a real step."""
+    import re
+
+    run_benchmark(tmp_path, "--max_length_search", "--search_size", "tiny", "--search_models", "luna-16",
+                  "roberta-sdpa", "--search_start", "512", "--search_stop", "16384", "--search_resolution", "512",
+                  "--search_memory_gb", "0.15", "--time_limit", "120")
+    report = (tmp_path / "max_length.md").read_text()
+    longest = {}
+    for name, fits, fails in re.findall(r"\*\*(\S+)\*\*: \*\*([\d,]+) tokens\*\* fit; ([\d,]+) do not", report):
+        fits, fails = int(fits.replace(",", "")), int(fails.replace(",", ""))
+        section = report.split(f"**{name}**")[1].split("\n\n**")[0]
+        results = {int(n.replace(",", "")): result for n, result in re.findall(r"\| ([\d,]+) \| (\w+) \|", section)}
+        assert results[fits] == "ok" and results[fails] == "OOM" and 0 < fails - fits <= 512
+        assert [n for n, result in results.items() if result == "ok" and n > fits] == []
+        assert results[512] == "ok" and list(results)[:2] == [512, 1024]  # it doubled from --search_start
+        longest[name] = fits
+    assert set(longest) == {"luna-16", "roberta-sdpa"}
+    assert longest["luna-16"] >= 4 * longest["roberta-sdpa"]

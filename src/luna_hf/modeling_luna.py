@@ -219,30 +219,30 @@ class LunaAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
-class ActivationThenLinear(torch.autograd.Function):
-    """`linear(activation(x))` that keeps only x for the backward pass and recomputes activation(x) there.
+GELU_APPROXIMATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> nn.functional.gelu's
 
-    x and activation(x) are a layer's widest tensors (n x intermediate_size); an elementwise activation is cheap to
-    recompute, so the feed-forward block keeps one of them instead of both.
+
+class GeluThenLinear(torch.autograd.Function):
+    """`linear(gelu(x))` that keeps only x for the backward pass and recomputes gelu(x) there.
+
+    x and gelu(x) are a layer's widest tensors (n x intermediate_size); gelu is cheap to recompute, so the
+    feed-forward block keeps one of them instead of both. The backward pass uses aten's own gelu_backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        output = nn.functional.linear(activation(x), weight, bias)  # under autocast: in its dtype
+    def forward(ctx, x, weight, bias, approximate: str):
         ctx.save_for_backward(x, weight)
-        ctx.activation = activation
-        return output
+        ctx.approximate = approximate
+        return nn.functional.linear(nn.functional.gelu(x, approximate=approximate), weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            activated = ctx.activation(x)
+        activated = nn.functional.gelu(x, approximate=ctx.approximate).to(grad_output.dtype)  # autocast: its dtype
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_weight = grad_rows.T @ activated.detach().reshape(-1, activated.shape[-1]).to(grad_output.dtype)
-        grad_activated = grad_output @ weight.to(grad_output.dtype)
-        (grad_x,) = torch.autograd.grad(activated, x, grad_activated.to(activated.dtype))
+        grad_weight = grad_rows.T @ activated.reshape(-1, activated.shape[-1])
+        grad_activated = (grad_output @ weight.to(grad_output.dtype)).to(x.dtype)
+        grad_x = torch.ops.aten.gelu_backward(grad_activated, x, approximate=ctx.approximate)
         return grad_x, grad_weight.to(weight.dtype), grad_rows.sum(0).to(weight.dtype), None
 
 
@@ -258,6 +258,7 @@ class LunaLayer(GradientCheckpointingLayer):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.activation = ACT2FN[config.hidden_act]
+        self.gelu_approximation = GELU_APPROXIMATIONS.get(config.hidden_act)  # None: no recomputation
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LunaDropout(config.hidden_dropout_prob)
@@ -281,11 +282,12 @@ class LunaLayer(GradientCheckpointingLayer):
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         intermediate = self.fc1(hidden_states)
-        # Training: recompute the activation in the backward pass rather than keep it (a plain nn.Linear only, so
-        # that adapters or quantized layers replacing fc2 keep their own forward).
-        if torch.is_grad_enabled() and self.activation_dropout.p == 0.0 and type(self.fc2) is nn.Linear:
+        # Training: recompute gelu in the backward pass rather than keep it (a plain nn.Linear only, so that
+        # adapters or quantized layers replacing fc2 keep their own forward).
+        approximate = self.gelu_approximation
+        if torch.is_grad_enabled() and approximate and self.activation_dropout.p == 0.0 and type(self.fc2) is nn.Linear:
             if not is_tracing(intermediate):
-                return ActivationThenLinear.apply(intermediate, self.fc2.weight, self.fc2.bias, self.activation)
+                return GeluThenLinear.apply(intermediate, self.fc2.weight, self.fc2.bias, approximate)
         return self.fc2(self.activation_dropout(self.activation(intermediate)))
 
 
