@@ -113,6 +113,7 @@ def test_padding_counts_only_real_tokens_where_the_authors_count_raw_positions()
     assert torch.isfinite(left).all()
 
 
+@torch.no_grad()
 def per_step_causal_attention(attention, hidden, packed, token_mask):
     """The paper's formulas one position at a time, with running sums, in float64 (no chunks, no cache)."""
     weight = {name: parameter.double() for name, parameter in attention.named_parameters()}
@@ -231,8 +232,15 @@ def greedy_without_cache(model, ids, steps):
 def test_generate_greedy_sampling_and_beam_search():
     model = causal_model(seed=1)
     prompt = random_ids(2, 7)
+    lengths = []  # tokens each forward of generate() reads: the prompt, then one at a time
+
+    def record(module, args, kwargs):
+        lengths.append(args[0].shape[1])
+
+    model.luna.register_forward_pre_hook(record, with_kwargs=True)
     greedy = model.generate(prompt, max_new_tokens=10, do_sample=False)
     assert torch.equal(greedy, greedy_without_cache(model, prompt, 10))
+    assert lengths[:10] == [7] + [1] * 9
 
     def sample(use_cache):
         torch.manual_seed(0)

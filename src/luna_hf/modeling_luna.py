@@ -693,6 +693,9 @@ def causal_product(x, y, z, token_count, initial_state, chunk_size: int):
     dtype = x.dtype
     x, y, z = (t.to(torch.promote_types(dtype, torch.float32)) for t in (x, y, z))
     length = x.shape[-2]
+    if length == 1 and initial_state is not None:  # a decoding step: one rank-1 update of the state
+        state = initial_state + y.transpose(-1, -2) @ z
+        return (x @ state / token_count.to(x.dtype)).to(dtype), state
     chunk = min(chunk_size, length)
     x, y, z = (nn.functional.pad(t, (0, 0, 0, -length % chunk)).unflatten(-2, (-1, chunk)) for t in (x, y, z))
     chunk_sums = y.transpose(-1, -2) @ z  # (..., chunks, d1, d2)
