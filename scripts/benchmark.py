@@ -577,6 +577,8 @@ def longest_fitting(context, search: BenchmarkArguments, name: str) -> tuple[lis
     tries, fits, fails, n = [], None, None, search.search_start
     while 256 <= n <= search.search_stop and not (fits and fails):
         tries.append(measure(context, search, name, "train", n))
+        if tries[-1]["status"] == "error":  # a bug, not a length that does not fit
+            raise RuntimeError(f"Max-length search, {name} at {n} tokens: {tries[-1]['error']}")
         if tries[-1]["status"] == "ok":
             fits, n = n, 2 * n
         else:

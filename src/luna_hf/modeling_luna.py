@@ -796,7 +796,7 @@ class LunaCausalEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size, config.pad_token_id)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = LunaDropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, inputs_embeds, position_ids):
         if inputs_embeds is None:
@@ -816,15 +816,17 @@ class LunaCausalLayer(GradientCheckpointingLayer):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.activation = ACT2FN[config.hidden_act]
+        self.gelu_approximation = GELU_APPROXIMATIONS.get(config.hidden_act)
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = LunaDropout(config.hidden_dropout_prob)
+
+    feed_forward = LunaLayer.feed_forward  # the encoder layer's, with its gelu recomputation in training
 
     def forward(self, hidden_states, token_mask, token_count, cache=None) -> torch.Tensor:
         attended, _ = self.attention(hidden_states, self.projected_embeddings, token_mask, token_count, cache=cache)
         hidden_states = self.attention_layer_norm(hidden_states + self.dropout(attended))
-        intermediate = self.activation_dropout(self.activation(self.fc1(hidden_states)))
-        return self.ffn_layer_norm(hidden_states + self.dropout(self.fc2(intermediate)))
+        return self.ffn_layer_norm(hidden_states + self.dropout(self.feed_forward(hidden_states)))
 
 
 class LunaDecoderPreTrainedModel(LunaPreTrainedModel):
