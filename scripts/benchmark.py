@@ -299,9 +299,12 @@ def run_configuration(args_dict: dict, name: str, mode: str, seq_len: int) -> di
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     peak = meter.peak()
-    with FlopCounterMode(display=False) as flop_counter:  # one more step: the FLOPs it counts, not its time
-        step()
-    return dict(status="ok", median_s=median, steps_per_s=1 / median, gflop=flop_counter.get_total_flops() / 1e9,
+    gflop = None
+    if mode == "train":  # one more step: the FLOPs it counts, not its time
+        with FlopCounterMode(display=False) as flop_counter:
+            step()
+        gflop = flop_counter.get_total_flops() / 1e9
+    return dict(status="ok", median_s=median, steps_per_s=1 / median, gflop=gflop,
                 tokens_per_s=args_dict["batch_size"] * seq_len / median, repeats=len(times),
                 peak_mem_mib=(peak - meter.baseline) / 2**20, peak_rss_mib=peak / 2**20)
 
