@@ -74,7 +74,10 @@ MODELS = {
     "bigbird": ("bigbird", dict(attention_type="block_sparse", block_size=64, num_random_blocks=3)),
     "nystromformer": ("nystromformer", dict(num_landmarks=64, conv_kernel_size=65)),
     "floor": ("floor", dict(attn_implementation="sdpa")),
+    # FlexAttention compiles a kernel for the GPU; run it there only (see scripts/gpu_benchmark.sh).
+    "roberta-flex": ("roberta", dict(attn_implementation="flex_attention")),
 }
+GPU_ONLY = {"roberta-flex"}
 BASELINE, FLOOR, LUNA_TARGET = "roberta-sdpa", "floor", "luna-16"
 # --sparse_mlm: scripts/pretrain_mlm.py's presets with real vocabularies -> (size, projected length, vocabulary).
 MLM_PRESETS = {"luna-small": ("small", 32, 8192), "luna-base": ("base", 128, 50265),
@@ -92,7 +95,8 @@ class BenchmarkArguments:
                                metadata={"help": "Sequence lengths (tokens per row)."})
     batch_size: int = field(default=1, metadata={"help": "Rows per step, the same for every length."})
     size: str = field(default="small", metadata={"help": f"Model shape, one of {list(SIZES)} (base: for a GPU)."})
-    models: list[str] = field(default_factory=lambda: list(MODELS), metadata={"help": f"Any of {list(MODELS)}."})
+    models: list[str] = field(default_factory=lambda: [name for name in MODELS if name not in GPU_ONLY],
+                              metadata={"help": f"Any of {list(MODELS)} (default: all but {sorted(GPU_ONLY)})."})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "train and/or inference."})
     warmup: int = field(default=1, metadata={"help": "Untimed steps first (train: they also build AdamW state)."})
     repeats: int = field(default=20, metadata={"help": "Timed steps at most; the median is reported."})
