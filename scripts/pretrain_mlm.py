@@ -433,6 +433,17 @@ def is_peer_failure(error: RuntimeError) -> bool:
     return isinstance(error, torch.distributed.DistError) or any(word in str(error) for word in ("gloo", "NCCL"))
 
 
+def out_of_memory_message(args: Arguments, last_checkpoint: Path | None) -> str:
+    return (
+        f"Out of memory in a training step of {args.per_device_train_batch_size} x {args.max_seq_length} tokens per "
+        "process. Lower --max_seq_length or --per_device_train_batch_size, or add --gradient_checkpointing: on a "
+        "23.5 GiB machine base-size Luna-16 trains 36,864 tokens at batch 1 without it and 65,536 with it "
+        "(benchmarks/results/max_length.md). `python scripts/benchmark.py --max_length_search --search_models "
+        "luna-16 luna-16-checkpointing` finds the longest length that fits this machine. The last complete "
+        f"checkpoint is {last_checkpoint or 'none'}."
+    )
+
+
 def make_accelerator(args: Arguments) -> Accelerator:
     """accelerate's Accelerator; several launched processes without a GPU form one gloo data-parallel job.
 
@@ -676,10 +687,12 @@ def main():
     train_start = time.perf_counter()
     try:
         train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, eval_dataloader, state)
-    except RuntimeError as error:  # torch.distributed.DistError is one
+    except RuntimeError as error:  # torch.OutOfMemoryError and torch.distributed.DistError are ones
+        last = checkpoints(args.output_dir)
+        if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+            raise SystemExit(out_of_memory_message(args, last[-1] if last else None)) from error
         if accelerator.num_processes == 1 or not is_peer_failure(error):
             raise
-        last = checkpoints(args.output_dir)
         raise SystemExit(
             f"Process {accelerator.process_index}: another process of the job failed or stopped answering ({error}). "
             f"Stopping. The last complete checkpoint is {last[-1] if last else 'none'}: relaunch all processes with "

@@ -321,3 +321,32 @@ def test_bad_arguments_give_clear_errors(workdir, train_file, extra, message):
     (workdir / "corpus.xyz").write_text("text\n")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         script_module().Arguments(output_dir=str(workdir / "unused"), train_file=str(workdir / train_file), **extra)
+
+
+def test_out_of_memory_says_what_fits(workdir, uninterrupted, monkeypatch, capsys):
+    """An allocation that fails in a training step (as torch's CPU allocator reports it) ends with what to do."""
+    pretrain_mlm = script_module()
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 805306368 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(pretrain_mlm, "train", out_of_memory)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pretrain_mlm.py",
+            *command(workdir, workdir / "oom", "--tokenizer_name", str(uninterrupted), "--max_train_steps", "2")[2:],
+        ],
+    )
+    for key, value in environment(workdir).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stopped:
+        pretrain_mlm.main()
+    message = str(stopped.value)
+    assert message.startswith("Out of memory in a training step of 4 x 32 tokens per process.")
+    assert "--gradient_checkpointing" in message and "--max_length_search" in message
+    assert message.endswith("The last complete checkpoint is none.")
