@@ -167,7 +167,7 @@ class AttentionFree(nn.Module):
 def build_model(name: str, size: str, seq_len: int, vocab_size: int) -> nn.Module:
     if name.endswith("-checkpointing"):
         model = build_model(name.removesuffix("-checkpointing"), size, seq_len, vocab_size)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
     family, settings = MODELS[name]
     common = dict(SIZES[size], vocab_size=vocab_size, num_labels=2, hidden_dropout_prob=0.1,

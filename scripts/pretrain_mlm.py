@@ -248,7 +248,7 @@ def build_model(args: Arguments, tokenizer):
     if model.config.model_type == "luna":  # saved with the model; inference always returns every position's logits
         model.config.sparse_prediction = args.sparse_prediction
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
