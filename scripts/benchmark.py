@@ -582,8 +582,16 @@ def longest_fitting(context, search: BenchmarkArguments, name: str) -> tuple[lis
     fits (or halve while it does not), then bisect between the longest that fitted and the shortest that did not,
     to --search_resolution."""
     tries, fits, fails, n = [], None, None, search.search_start
-    while 256 <= n <= search.search_stop and not (fits and fails):
+
+    def attempt(n):
         tries.append(measure(context, search, name, "train", n))
+        row = tries[-1]  # printed as it comes, so that a stopped search keeps what it found
+        tqdm.write(f"{name} at {n:,} tokens: {row['status']}" + (
+            f", {row['peak_mem_mib'] / 1024:.2f} GiB, {row['median_s']:.1f} s" if row["status"] == "ok" else
+            f" ({row.get('error', '')})"))
+
+    while 256 <= n <= search.search_stop and not (fits and fails):
+        attempt(n)
         if tries[-1]["status"] == "error":  # a bug, not a length that does not fit
             raise RuntimeError(f"Max-length search, {name} at {n} tokens: {tries[-1]['error']}")
         if tries[-1]["status"] == "ok":
@@ -592,7 +600,7 @@ def longest_fitting(context, search: BenchmarkArguments, name: str) -> tuple[lis
             fails, n = n, n // 2
     while fits and fails and fails - fits > search.search_resolution:
         n = (fits + fails) // 2 // 256 * 256
-        tries.append(measure(context, search, name, "train", n))
+        attempt(n)
         fits, fails = (n, fails) if tries[-1]["status"] == "ok" else (fits, n)
     return tries, fits, fails
 
