@@ -636,10 +636,10 @@ def max_length_search(args: BenchmarkArguments, output_dir: Path) -> Path:
         f"### Longest training sequence: {args.search_size} size ({shape['num_hidden_layers']}/{shape['hidden_size']}/"
         f"{shape['num_attention_heads']}/{shape['intermediate_size']}), batch 1, {args.dtype}\n\n"
         f"Command: `python {' '.join(sys.argv)}`\n\nEach row is one real training step (forward, backward, AdamW "
-        f"with its state allocated) in a fresh process, allowed {budget / 2**30:.1f} GiB "
-        f"({budget_source}) and --time_limit "
-        f"{args.time_limit:g} s; the length doubles from {args.search_start:,} while a step fits, then bisects to "
-        f"{args.search_resolution:,} tokens.\n\n" + "\n\n".join(sections) + "\n"
+        f"with its state allocated) in a fresh process, allowed {budget / 2**30:.1f} GiB ({budget_source}) and "
+        f"--time_limit {args.time_limit:g} s; from {args.search_start:,} tokens the length doubles while a step fits "
+        f"(halves while it does not), then bisects to {args.search_resolution:,} tokens.\n\n"
+        + "\n\n".join(sections) + "\n"
     )
     return path
 

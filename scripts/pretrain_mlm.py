@@ -520,7 +520,8 @@ def train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, e
         total=args.max_train_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process
     )
     # This process's summed loss over masked tokens and its masked tokens since the last log; tokens of all processes.
-    window, window_start = torch.zeros(2, dtype=torch.float64), time.perf_counter()
+    # Kept on the device: reading it back every step would make the GPU wait for each step to finish.
+    window, window_start = torch.zeros(2, dtype=torch.float64, device=accelerator.device), time.perf_counter()
     step_tokens = window_tokens = 0
 
     def log(record: dict) -> None:
@@ -549,7 +550,7 @@ def train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, e
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     lr_scheduler.step()
                 optimizer.zero_grad()
-            window += torch.stack([loss.detach().double().cpu() * masked_here.cpu(), masked_here.cpu().double()])
+            window += torch.stack([loss.detach().double() * masked_here, masked_here.double()])
             step_tokens += batch["input_ids"].numel() * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -559,7 +560,7 @@ def train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, e
             progress.update(1)
             step = state["completed_steps"]
             if step % args.logging_steps == 0 or step == args.max_train_steps:
-                loss_sum, masked = accelerator.reduce(window.to(accelerator.device), "sum").tolist()
+                loss_sum, masked = accelerator.reduce(window, "sum").tolist()
                 elapsed = time.perf_counter() - window_start
                 log(
                     {
