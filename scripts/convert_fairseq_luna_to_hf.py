@@ -96,16 +96,16 @@ RENAMES = [
         for source, target in LAYER_MODULES.items()
     ],
     (r"encoder\.lm_head\.(dense|layer_norm)\.(weight|bias)", r"lm_head.\1.\2"),
-    (r"encoder\.lm_head\.bias", "lm_head.bias"),
+    (r"encoder\.lm_head\.bias", "lm_head.decoder.bias"),
     (r"encoder\.lm_head\.weight", "lm_head.decoder.weight"),
     (r"classification_heads\.[^.]+\.(dense|out_proj)\.(weight|bias)", r"classifier.\1.\2"),
-    (r"classification_heads\.pooling_classification_head\.in_proj\.(weight|bias)", r"luna.pooler.in_proj.\1"),
+    (r"classification_heads\.pooling_classification_head\.in_proj\.(weight|bias)", r"classifier.pooler.in_proj.\1"),
     # q, k, v: concatenated into nn.MultiheadAttention's in_proj_{weight,bias} by `convert_state_dict`.
     (
         r"classification_heads\.attention_classification_head\.attn\.(\w+)\.(weight|bias)",
-        r"luna.pooler.attention.\1.\2",
+        r"classifier.pooler.attention.\1.\2",
     ),
-    (r"classification_heads\.attention_classification_head\.layernorm\.(weight|bias)", r"luna.pooler.layer_norm.\1"),
+    (r"classification_heads\.attention_classification_head\.layernorm\.(weight|bias)", r"classifier.pooler.layer_norm.\1"),
 ]
 # luna_bert picks a head's kind by its name (any other name is the [CLS] head): its classifier_pooling and tensors.
 HEAD_POOLINGS = {"pooling_classification_head": "packed_max", "attention_classification_head": "packed_attention"}
@@ -424,13 +424,11 @@ def convert_state_dict(checkpoint: dict, model, head_name: str | None) -> dict[s
             leftover.append(key)
             continue
         converted[target] = value
-        if target == "lm_head.bias" and not config.tie_word_embeddings:
-            converted["lm_head.decoder.bias"] = value  # untied output layer: the bias lives on the decoder
     # nn.MultiheadAttention keeps the query, key and value projections in one tensor, in that order.
     for kind in ("weight", "bias"):
-        parts = [converted.pop(f"luna.pooler.attention.{name}_proj.{kind}", None) for name in ("q", "k", "v")]
+        parts = [converted.pop(f"classifier.pooler.attention.{name}_proj.{kind}", None) for name in ("q", "k", "v")]
         if all(part is not None for part in parts):
-            converted[f"luna.pooler.attention.in_proj_{kind}"] = torch.cat(parts)
+            converted[f"classifier.pooler.attention.in_proj_{kind}"] = torch.cat(parts)
     if set_aside:
         groups = sorted({".".join(k.split(".")[:2]) for k in set_aside})
         logger.warning("Not converted (not part of a %s): %s", type(model).__name__, groups)

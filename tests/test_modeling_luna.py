@@ -106,7 +106,7 @@ def reference_forward(state, config, input_ids, lengths):
             ffn = linear(F.gelu(linear(x, f"{prefix}.fc1")), f"{prefix}.fc2")
             x = layer_norm(x + ffn, f"{prefix}.ffn_layer_norm")
         logits = layer_norm(F.gelu(linear(x, "lm_head.dense")), "lm_head.layer_norm")
-        logits = logits @ state["luna.embeddings.word_embeddings.weight"].T + state["lm_head.bias"]
+        logits = logits @ state["luna.embeddings.word_embeddings.weight"].T + state["lm_head.decoder.bias"]
         results.append((x, p[:slots], logits))
     return results
 
@@ -151,29 +151,52 @@ def test_parameter_count_matches_the_authors_models():
     assert round(counts[False] / 1e6, 2) == 146.08
 
 
+def pad_rows(rows, seq_len, side, fill, embeddings, seed=0):
+    """Rows padded on one side to seq_len, with the attention mask; `fill` is what the padded positions hold: the
+    config's pad id, id 0 (what BERT tokenizers pad with), random ids, or (as inputs_embeds) random vectors."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (len(rows), seq_len), generator=generator)
+    if fill in ("config pad id", "id 0"):
+        ids.fill_(PAD if fill == "config pad id" else 0)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(rows):
+        columns = slice(0, len(tokens)) if side == "right" else slice(seq_len - len(tokens), seq_len)
+        ids[row, columns], mask[row, columns] = tokens, 1
+    if fill != "random embeddings":
+        return dict(input_ids=ids, attention_mask=mask), mask
+    inputs_embeds = embeddings(ids)
+    noise = torch.randn(inputs_embeds.shape, generator=generator) * 3
+    return dict(inputs_embeds=torch.where(mask.bool()[..., None], inputs_embeds, noise), attention_mask=mask), mask
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("classifier_pooling", ["cls", "packed_mean", "packed_max", "packed_attention"])
-def test_padding_invariance(attn_implementation, classifier_pooling):
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("fill", ["config pad id", "id 0", "random ids", "random embeddings"])
+def test_outputs_depend_only_on_the_real_tokens_and_the_mask(attn_implementation, classifier_pooling, side, fill):
+    """Every output of a padded row equals the row alone, whatever the padding side and whatever fills it: positions,
+    pack and pooling all read the attention mask."""
     torch.manual_seed(0)
     config = tiny_config(classifier_pooling=classifier_pooling, num_labels=3)
     config._attn_implementation = attn_implementation
     model = LunaForSequenceClassification(config).eval()
-    lengths = [12, 4, 9]
-    input_ids, attention_mask = padded_batch(lengths, seq_len=16)
+    rows = [torch.randint(3, VOCAB, (n,)) for n in (12, 4, 9)]
+    inputs, mask = pad_rows(rows, 16, side, fill, model.luna.embeddings.word_embeddings)
     with torch.no_grad():
-        batched = model.luna(input_ids, attention_mask=attention_mask)
-        logits = model(input_ids, attention_mask=attention_mask).logits
-        for row, n in enumerate(lengths):
-            alone = model.luna(input_ids[row : row + 1, :n])
+        batched = model.luna(**inputs)
+        logits = model(**inputs).logits
+        for row, tokens in enumerate(rows):
+            alone = model.luna(tokens[None])
             torch.testing.assert_close(
-                batched.last_hidden_state[row, :n], alone.last_hidden_state[0], atol=1e-5, rtol=0
+                batched.last_hidden_state[row][mask[row].bool()], alone.last_hidden_state[0], atol=1e-5, rtol=0
             )
-            slots = alone.packed_hidden_state.shape[1]
+            slots, packed_length = alone.packed_hidden_state.shape[1], batched.packed_hidden_state.shape[1]
+            assert batched.packed_attention_mask[row].tolist() == [1] * slots + [0] * (packed_length - slots)
             torch.testing.assert_close(
                 batched.packed_hidden_state[row, :slots], alone.packed_hidden_state[0], atol=1e-5, rtol=0
             )
             torch.testing.assert_close(batched.pooler_output[row], alone.pooler_output[0], atol=1e-5, rtol=0)
-            torch.testing.assert_close(logits[row], model(input_ids[row : row + 1, :n]).logits[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(logits[row], model(tokens[None]).logits[0], atol=1e-5, rtol=0)
 
 
 def test_dynamic_projection_cuts_and_masks_p():
@@ -216,7 +239,8 @@ def test_no_nan_at_the_edges(attn_implementation):
 @pytest.mark.parametrize("classifier_pooling", ["packed_max", "packed_attention"])
 def test_learned_packed_pooling_of_a_fully_padded_row_is_finite(classifier_pooling):
     model = LunaForSequenceClassification(tiny_config(classifier_pooling=classifier_pooling)).eval()
-    assert model.luna.pooler is not None and LunaForMaskedLM(tiny_config()).luna.pooler is None
+    assert model.classifier.pooler is not None and not any("pooler" in name for name, _ in model.luna.named_modules())
+    assert LunaForSequenceClassification(tiny_config()).classifier.pooler is None
     input_ids, attention_mask = padded_batch([5, 2])
     attention_mask[1] = 0
     with torch.no_grad():

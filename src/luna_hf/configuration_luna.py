@@ -37,7 +37,7 @@ class LunaConfig(PreTrainedConfig):
         classifier_pooling (`str`, defaults to `"cls"`): sentence representation used by `pooler_output` and the
             sequence-level heads: `"cls"` (the first token), `"packed_mean"` (mean of the final packed sequence P
             over the row's valid slots, the paper's Table 3 "P" pooling), or the authors' two learned P poolings
-            (parameters in `LunaModel.pooler`): `"packed_max"` (a linear map of P, then the maximum over the valid
+            (parameters in the sequence heads' `classifier.pooler`): `"packed_max"` (a linear map of P, then the maximum over the valid
             slots; their `pooling_classification_head`) and `"packed_attention"` (the first token attends over
             the valid slots of P, then LayerNorm; their `attention_classification_head`).
         classifier_dropout (`float`, *optional*): dropout of the classification heads; `None` uses

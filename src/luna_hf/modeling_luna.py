@@ -32,6 +32,7 @@ from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.activations import ACT2FN, gelu
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -75,8 +76,11 @@ class LunaModelOutput(ModelOutput):
     packed_hidden_state (`torch.FloatTensor` of shape `(batch_size, packed_length, hidden_size)`):
         Packed sequence P of the last layer (`packed_length` = `projected_length`, or less with dynamic projection).
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-        Sentence representation chosen by `config.classifier_pooling`: the first token's state, the mean of the
-        final P over each row's valid slots, or one of the authors' learned P poolings (`LunaModel.pooler`).
+        Sentence representation chosen by `config.classifier_pooling`: the mean of the final P over each row's valid
+        slots (`"packed_mean"`), else the first real token's state (`"cls"`; also for the learned P poolings, whose
+        parameters belong to the sequence heads' `classifier.pooler`, which apply them on top of it).
+    packed_attention_mask (`torch.LongTensor` of shape `(batch_size, packed_length)`):
+        1 for the slots of P that a row uses, 0 for those beyond its length (dynamic projection).
     packed_hidden_states (`tuple(torch.FloatTensor)`, returned with `output_packed_hidden_states=True`):
         P after the embeddings and after each layer, `num_hidden_layers + 1` tensors.
     pack_attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
@@ -90,6 +94,7 @@ class LunaModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     packed_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
+    packed_attention_mask: torch.LongTensor | None = None
     packed_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pack_attentions: tuple[torch.FloatTensor, ...] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -125,14 +130,10 @@ class LunaEmbeddings(nn.Module):
     def forward(self, input_ids, inputs_embeds, token_mask, slot_mask):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
-        batch_size, seq_length = inputs_embeds.shape[:2]
-        if input_ids is not None:
-            # fairseq `make_positions`: count real tokens, pads keep the (zero) padding row.
-            is_token = input_ids.ne(self.padding_idx).int()
-            position_ids = torch.cumsum(is_token, dim=1) * is_token + self.padding_idx
-        else:
-            first = self.padding_idx + 1
-            position_ids = torch.arange(first, first + seq_length, device=inputs_embeds.device)
+        batch_size = inputs_embeds.shape[0]
+        # fairseq's `make_positions` read from the attention mask, not from pad ids: real tokens are numbered from
+        # padding_idx + 1, padded positions take the (zero) padding row, whatever id or embedding fills them.
+        position_ids = torch.cumsum(token_mask, dim=1) * token_mask + self.padding_idx
         hidden_states = self.layer_norm(inputs_embeds + self.position_embeddings(position_ids))
         hidden_states = self.dropout(hidden_states) * token_mask.unsqueeze(-1).to(hidden_states.dtype)
 
@@ -299,13 +300,13 @@ class LunaPackedMaxPooler(nn.Module):
         super().__init__()
         self.in_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states, packed_states, slot_mask) -> torch.Tensor:
+    def forward(self, first_token, packed_states, slot_mask) -> torch.Tensor:
         projected = self.in_proj(packed_states)
-        return projected.masked_fill(slot_mask.unsqueeze(-1) == 0, float("-inf")).amax(dim=1)
+        return projected.masked_fill(slots_to_pool(slot_mask).unsqueeze(-1) == 0, float("-inf")).amax(dim=1)
 
 
 class LunaPackedAttentionPooler(nn.Module):
-    """`classifier_pooling="packed_attention"` (the authors' `attention_classification_head`): the first token's
+    """`classifier_pooling="packed_attention"` (the authors' `attention_classification_head`): the first real token's
     state attends over the valid slots of the final P (multi-head, no dropout), then LayerNorm."""
 
     def __init__(self, config: LunaConfig):
@@ -313,12 +314,17 @@ class LunaPackedAttentionPooler(nn.Module):
         self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states, packed_states, slot_mask) -> torch.Tensor:
-        first_token = hidden_states[:, :1]
+    def forward(self, first_token, packed_states, slot_mask) -> torch.Tensor:
         attended, _ = self.attention(
-            first_token, packed_states, packed_states, key_padding_mask=slot_mask == 0, need_weights=False
+            first_token[:, None], packed_states, packed_states, key_padding_mask=slots_to_pool(slot_mask) == 0,
+            need_weights=False,
         )
         return self.layer_norm(attended[:, 0])
+
+
+def slots_to_pool(slot_mask: torch.Tensor) -> torch.Tensor:
+    """The valid slots, and the first slot of a fully padded row (which has none), so that its output stays finite."""
+    return torch.cat([torch.ones_like(slot_mask[:, :1]), slot_mask[:, 1:]], dim=1)
 
 
 LEARNED_POOLERS = {"packed_max": LunaPackedMaxPooler, "packed_attention": LunaPackedAttentionPooler}
@@ -349,8 +355,6 @@ class LunaPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, LunaEmbeddings):
             init.normal_(module.projected_embeddings, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, LunaLMHead):
-            init.zeros_(module.bias)
 
 
 def pack_attentions_follow_output_attentions(forward):
@@ -371,8 +375,6 @@ class LunaModel(LunaPreTrainedModel):
         self.gradient_checkpointing = False
         self.embeddings = LunaEmbeddings(config)
         self.layers = nn.ModuleList([LunaLayer(config) for _ in range(config.num_hidden_layers)])
-        pooler_class = LEARNED_POOLERS.get(config.classifier_pooling)
-        self.pooler = pooler_class(config) if pooler_class is not None else None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -393,9 +395,11 @@ class LunaModel(LunaPreTrainedModel):
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
         attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for real tokens,
-            0 for padding. Padding is excluded from the pack attention and shortens the row's share of P.
+            0 for padding (left or right). Padding is excluded from the pack attention and shortens the row's share
+            of P, and positions count the real tokens only, so the real tokens' outputs do not depend on what fills
+            the padded positions. Without it every position is a real token.
         inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-            token embeddings instead of `input_ids` (positions are then numbered sequentially).
+            token embeddings instead of `input_ids`.
         """
         token_mask = self.validate_inputs(input_ids, attention_mask, inputs_embeds)
         slot_mask = self.projected_slot_mask(token_mask)
@@ -420,7 +424,8 @@ class LunaModel(LunaPreTrainedModel):
         return LunaModelOutput(
             last_hidden_state=hidden_states,
             packed_hidden_state=packed_states,
-            pooler_output=self.pool(hidden_states, packed_states, slot_mask),
+            pooler_output=self.pool(hidden_states, packed_states, token_mask, slot_mask),
+            packed_attention_mask=slot_mask,
         )
 
     def validate_inputs(self, input_ids, attention_mask, inputs_embeds) -> torch.Tensor:
@@ -464,50 +469,58 @@ class LunaModel(LunaPreTrainedModel):
         slots = torch.arange(packed_length, device=token_mask.device)
         return (slots.unsqueeze(0) < lengths.unsqueeze(1)).long()
 
-    def pool(self, hidden_states, packed_states, slot_mask) -> torch.Tensor:
-        if self.config.classifier_pooling == "cls":
-            return hidden_states[:, 0]
+    def pool(self, hidden_states, packed_states, token_mask, slot_mask) -> torch.Tensor:
+        """The mean of P's valid slots (`"packed_mean"`), else the first real token's state: `"cls"`, and what the
+        sequence heads' learned poolings read. The first real token, not the first position, so that a left-padded
+        row pools its own [CLS] rather than a padding position."""
         if self.config.classifier_pooling == "packed_mean":
             weights = slot_mask.unsqueeze(-1).to(packed_states.dtype)
             return (packed_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        # A fully padded row has no valid slot: it pools its first slot instead, so that its output stays finite.
-        slot_mask = torch.cat([torch.ones_like(slot_mask[:, :1]), slot_mask[:, 1:]], dim=1)
-        return self.pooler(hidden_states, packed_states, slot_mask)
+        first_real = token_mask.argmax(dim=1)  # 0 for a fully padded row
+        return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), first_real]
 
 
 class LunaLMHead(nn.Module):
-    """RoBERTa's masked-LM head: dense, GELU, LayerNorm, then the (tied) decoder with its own bias."""
+    """RoBERTa's masked-LM head: dense, GELU, LayerNorm, then the decoder (its weight tied to the token embeddings
+    unless `tie_word_embeddings=False`). The decoder's bias is the head's only bias (RoBERTa keeps a second copy that
+    a vocabulary resize leaves behind when the head is untied), so `resize_token_embeddings` resizes all of it."""
 
     def __init__(self, config: LunaConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.layer_norm(gelu(self.dense(features))))
 
 
 class LunaClassificationHead(nn.Module):
-    """RoBERTa's sentence head (dropout, dense, tanh, dropout, projection) on the pooled representation."""
+    """RoBERTa's sentence head (dropout, dense, tanh, dropout, projection) on the pooled representation.
+
+    A learned P pooling (`classifier_pooling` `"packed_max"` or `"packed_attention"`) is part of this head, not of
+    `LunaModel`: it is new when a classifier is made from a pretrained encoder, like the rest of the head, so tools
+    that train and save the classifier alone (peft's `modules_to_save`, which names `classifier`) keep it too.
+    """
 
     def __init__(self, config: LunaConfig, num_outputs: int):
         super().__init__()
+        pooler_class = LEARNED_POOLERS.get(config.classifier_pooling)
+        self.pooler = pooler_class(config) if pooler_class is not None else None
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, num_outputs)
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+    def forward(self, outputs: LunaModelOutput) -> torch.Tensor:
+        pooled = outputs.pooler_output
+        if self.pooler is not None:
+            pooled = self.pooler(outputs.pooler_output, outputs.packed_hidden_state, outputs.packed_attention_mask)
         return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
 
 
 class LunaForMaskedLM(LunaPreTrainedModel):
-    _tied_weights_keys = {
-        "lm_head.decoder.weight": "luna.embeddings.word_embeddings.weight",
-        "lm_head.decoder.bias": "lm_head.bias",
-    }
+    _tied_weights_keys = {"lm_head.decoder.weight": "luna.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: LunaConfig):
         super().__init__(config)
@@ -569,10 +582,16 @@ class LunaForSequenceClassification(LunaPreTrainedModel):
         r"""labels (`torch.Tensor` of shape `(batch_size,)`, *optional*): class ids, float targets for regression
         (`num_labels == 1`), or multi-hot floats for multi-label classification (`config.problem_type`)."""
         outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
-        logits = self.classifier(outputs.pooler_output)
+        logits = self.classifier(outputs)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)
+            num_items_in_batch = kwargs.get("num_items_in_batch")
+            if num_items_in_batch is not None and self.config.problem_type != "single_label_classification":
+                # transformers' MSE and BCE losses are means over this batch's labels and ignore num_items_in_batch,
+                # yet the Trainer then skips its own division by the accumulation steps: divide the sum by the
+                # accumulated batch's label count, as the cross-entropy losses do.
+                loss = loss * labels.numel() / num_items_in_batch
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -605,10 +624,11 @@ class LunaForMultipleChoice(LunaPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        logits = self.classifier(outputs.pooler_output).view(-1, num_choices)
+        logits = self.classifier(outputs).view(-1, num_choices)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits, labels.to(logits.device))
+            # Summed and divided by num_items_in_batch under gradient accumulation, as the Trainer expects.
+            loss = fixed_cross_entropy(logits, labels.to(logits.device), kwargs.get("num_items_in_batch"))
         return MultipleChoiceModelOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -771,7 +791,8 @@ class LunaCausalAttention(nn.Module):
 
         if cache is not None:
             pack_queries = pack_queries.expand(hidden_states.shape[0], *pack_queries.shape[-3:])
-            self.write_cache(cache, (key_sums, value_sums, token_count[:, -1], pack_queries))
+            states = (key_sums, value_sums, token_count[:, -1], pack_queries)
+            self.write_cache(cache, states, consumed_length=hidden_states.shape[1])
         return self.o_proj(output.transpose(1, 2).flatten(2)), weights
 
     def read_cache(self, cache):
@@ -781,11 +802,15 @@ class LunaCausalAttention(nn.Module):
             return None
         return [cache.get_recurrent_state(self.layer_idx, index) for index in range(4)]
 
-    def write_cache(self, cache, states):
+    def write_cache(self, cache, states, consumed_length: int):
+        """Store the states, and count the positions consumed (padding included) as `cache.get_seq_length()`:
+        `generate()` reads it to feed only the new tokens when it continues from a cache that already holds some."""
+        layer = cache.layers[self.layer_idx]
         for index, state in enumerate(states):
             cache.update_recurrent_state(state, self.layer_idx, state_idx=index)
-            # transformers sets this flag in `update_conv_state` only; Luna has no convolution state.
-            cache.layers[self.layer_idx].has_previous_state[index] = True
+            # transformers sets this flag and the length in `update_conv_state` only; Luna has no convolution state.
+            layer.has_previous_state[index] = True
+        layer.cumulative_length_linear.add_(consumed_length)
 
 
 class LunaCausalEmbeddings(nn.Module):
