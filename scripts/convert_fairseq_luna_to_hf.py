@@ -105,7 +105,10 @@ RENAMES = [
         r"classification_heads\.attention_classification_head\.attn\.(\w+)\.(weight|bias)",
         r"classifier.pooler.attention.\1.\2",
     ),
-    (r"classification_heads\.attention_classification_head\.layernorm\.(weight|bias)", r"classifier.pooler.layer_norm.\1"),
+    (
+        r"classification_heads\.attention_classification_head\.layernorm\.(weight|bias)",
+        r"classifier.pooler.layer_norm.\1",
+    ),
 ]
 # luna_bert picks a head's kind by its name (any other name is the [CLS] head): its classifier_pooling and tensors.
 HEAD_POOLINGS = {"pooling_classification_head": "packed_max", "attention_classification_head": "packed_attention"}

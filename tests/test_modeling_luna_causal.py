@@ -269,6 +269,68 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(num_beams)
         assert torch.equal(batched[row], alone[0]), row
 
 
+@pytest.mark.parametrize("fill", ["pad id", "id 0", "random ids"])
+def test_padded_positions_do_not_change_the_real_tokens_whatever_fills_them(fill):
+    model = causal_model(seed=2)
+    rows = [random_ids(1, n, seed=n)[0] for n in (3, 9)]
+    ids = random_ids(2, 12, seed=7) if fill == "random ids" else torch.full((2, 12), PAD if fill == "pad id" else 0)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(rows):
+        ids[row, 12 - len(tokens) :], mask[row, 12 - len(tokens) :] = tokens, 1
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        for row, tokens in enumerate(rows):
+            alone = model(tokens[None]).logits[0]
+            torch.testing.assert_close(logits[row, 12 - len(tokens) :], alone, atol=1e-5, rtol=0)
+
+
+def continuation_settings(**kwargs):
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None, output_logits=True,
+                    return_dict_in_generate=True)  # fmt: skip
+    return {**settings, **kwargs}
+
+
+@pytest.mark.parametrize("source", ["prefilled cache", "cache returned by generate", "left-padded batch"])
+def test_generation_continues_from_a_cache_that_already_holds_the_prefix(source):
+    """transformers' prompt-caching pattern: pass the whole text and a cache holding its beginning; generate() must
+    feed only the rest (the cache reports the positions it consumed) and give a fresh run's tokens and logits."""
+    model = causal_model(seed=5)
+    prefix, rest = random_ids(2, 7, seed=1), random_ids(2, 4, seed=2)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    if source == "left-padded batch":
+        prefix[0, :3], mask[0, :3] = PAD, 0
+    cache = DynamicCache(config=model.config)
+    if source == "cache returned by generate":
+        first = model.generate(prefix, **continuation_settings(max_new_tokens=3, cache=cache))
+        prefix, mask = first.sequences, torch.ones(2, 14, dtype=torch.long)
+        cache = first.cache  # it has read the prompt and all generated tokens but the last
+    else:
+        with torch.no_grad():
+            model(prefix, attention_mask=mask[:, :7], cache=cache)
+    text = torch.cat([prefix, rest], dim=1)
+    assert int(cache.get_seq_length()) == text.shape[1] - 4 - (source == "cache returned by generate")
+    fresh = model.generate(text, attention_mask=mask, **continuation_settings())
+    continued = model.generate(text, attention_mask=mask, **continuation_settings(cache=cache))
+    assert torch.equal(continued.sequences, fresh.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(continued.logits, fresh.logits, strict=True)) <= 1e-5
+    assert int(continued.cache.get_seq_length()) == continued.sequences.shape[1] - 1
+
+
+def test_chunked_prefill_generates_what_a_single_prefill_does():
+    model = causal_model(seed=6)
+    prompt = random_ids(2, 11)
+    settings = dict(max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(prompt, prefill_chunk_size=4, **settings), model.generate(prompt, **settings))
+
+
+@pytest.mark.parametrize("method", [dict(prompt_lookup_num_tokens=2), "assistant_model"])
+def test_generation_methods_that_roll_the_cache_back_are_refused_clearly(method):
+    model = causal_model(seed=6)
+    method = dict(assistant_model=causal_model(seed=7)) if method == "assistant_model" else method
+    with pytest.raises(ValueError, match="cannot be rolled back"):
+        model.generate(random_ids(1, 8), max_new_tokens=4, do_sample=False, **method)
+
+
 def test_a_tiny_model_learns_to_continue_a_repetitive_text():
     pattern = torch.tensor([5, 9, 12, 7, 30, 22, 14, 3, 18, 25, 11])  # period 11
     text = pattern.repeat(20)

@@ -35,11 +35,12 @@ class LunaConfig(PreTrainedConfig):
             `--fix-projection-length`: every row uses all l slots).
         activation_dropout (`float`, defaults to 0.0): dropout after the feed-forward activation.
         classifier_pooling (`str`, defaults to `"cls"`): sentence representation used by `pooler_output` and the
-            sequence-level heads: `"cls"` (the first token), `"packed_mean"` (mean of the final packed sequence P
-            over the row's valid slots, the paper's Table 3 "P" pooling), or the authors' two learned P poolings
-            (parameters in the sequence heads' `classifier.pooler`): `"packed_max"` (a linear map of P, then the maximum over the valid
-            slots; their `pooling_classification_head`) and `"packed_attention"` (the first token attends over
-            the valid slots of P, then LayerNorm; their `attention_classification_head`).
+            sequence-level heads: `"cls"` (the first real token), `"packed_mean"` (mean of the final packed
+            sequence P over the row's valid slots, the paper's Table 3 "P" pooling), or the authors' two learned P
+            poolings (parameters in the sequence heads' `classifier.pooler`): `"packed_max"` (a linear map of P,
+            then the maximum over the valid slots; their `pooling_classification_head`) and `"packed_attention"`
+            (the first real token attends over the valid slots of P, then LayerNorm; their
+            `attention_classification_head`).
         classifier_dropout (`float`, *optional*): dropout of the classification heads; `None` uses
             `hidden_dropout_prob`.
         sparse_prediction (`bool`, defaults to `False`): with `labels`, `LunaForMaskedLM` runs its head only on the

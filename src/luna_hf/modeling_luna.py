@@ -856,7 +856,7 @@ class LunaCausalLayer(GradientCheckpointingLayer):
 
 class LunaDecoderPreTrainedModel(LunaPreTrainedModel):
     _no_split_modules = ["LunaCausalEmbeddings", "LunaCausalLayer"]
-    _is_stateful = True  # running sums cannot be rolled back: no assisted generation
+    _is_stateful = True  # running sums cannot be rolled back (forward refuses generation methods that crop the cache)
     _can_record_outputs = {"hidden_states": LunaCausalLayer}
 
     @torch.no_grad()
@@ -900,6 +900,12 @@ class LunaDecoderModel(LunaDecoderPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if cache is not None and (len(cache.layers) != len(self.layers) or not all(cache.is_linear)):
             raise ValueError("Causal Luna keeps running sums, not keys and values: pass DynamicCache(config=config).")
+        if cache is not None and any(layer.record_past for layer in cache.layers):
+            raise ValueError(
+                "Causal Luna's cache holds running sums, which cannot be rolled back to an earlier token: generation "
+                "methods that crop the cache (assisted generation, prompt lookup decoding) are not supported. "
+                "Generate without assistant_model / prompt_lookup_num_tokens."
+            )
 
         tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
         token_mask = torch.ones_like(tokens, dtype=torch.long)
