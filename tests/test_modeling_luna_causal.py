@@ -316,6 +316,18 @@ def test_generation_continues_from_a_cache_that_already_holds_the_prefix(source)
     assert int(continued.cache.get_seq_length()) == continued.sequences.shape[1] - 1
 
 
+def test_generation_from_embeddings_continues_from_a_cache_that_holds_their_prefix():
+    model = causal_model(seed=5)
+    ids = random_ids(1, 9, seed=3)
+    embeddings = model.get_input_embeddings()(ids).detach()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(inputs_embeds=embeddings[:, :5], cache=cache)
+    settings = dict(max_new_tokens=4, do_sample=False)
+    continued = model.generate(inputs_embeds=embeddings, cache=cache, **settings)
+    assert torch.equal(continued, model.generate(ids, **settings)[:, 9:])
+
+
 def test_chunked_prefill_generates_what_a_single_prefill_does():
     model = causal_model(seed=6)
     prompt = random_ids(2, 11)
