@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, RobertaTokenizer
 
 from luna_hf import LunaConfig, LunaForMaskedLM, LunaForMultipleChoice, LunaForSequenceClassification
+from luna_hf.model_card import write_model_card
 
 logger = logging.getLogger("convert_fairseq_luna")
 
@@ -519,6 +520,39 @@ def build_tokenizer(dict_path: str, encoder_json: str, vocab_bpe: str, vocab_siz
 # Driver
 
 
+AUTO_CLASS_NAMES = {LunaForMaskedLM: "AutoModelForMaskedLM", LunaForSequenceClassification:
+                    "AutoModelForSequenceClassification", LunaForMultipleChoice: "AutoModelForMultipleChoice"}
+
+
+def write_card(folder: Path, model, args: Arguments, head_name: str | None, model_id: str) -> None:
+    """README.md of the converted folder (uploaded as is with --push_to_hub)."""
+    config = model.config
+    kind = f"the classification head {head_name!r}" if head_name else "the masked-LM head"
+    write_model_card(
+        folder, config=config, script="scripts/convert_fairseq_luna_to_hf.py", model_id=model_id,
+        load_class=AUTO_CLASS_NAMES[type(model)],
+        title=f"{model_id}: the authors' Luna checkpoint for transformers",
+        summary=f"The fairseq checkpoint `{Path(args.fairseq_checkpoint).name}` of Ma et al. (the authors' "
+                f"`luna_bert` code), converted tensor by tensor with {kind} into `{type(model).__name__}` "
+                f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, l = {config.projected_length}, "
+                f"{'tied' if config.tie_key_value else 'untied'} key/value, {model.num_parameters() / 1e6:.2f}M "
+                f"parameters). Nothing was trained or changed.",
+        data="What the authors trained it on (for their released base models: BookCorpus and English Wikipedia, "
+             "paper §4.3 and Table 8; a finetuned checkpoint adds its task's data). The conversion reads no data.",
+        metrics={},
+        no_metrics_reason="a conversion measures no task metric. luna-hf's tests check the converter against an "
+                          "independent re-implementation of the authors' forward pass (largest difference 5e-6 in "
+                          "float32, 1e-14 in float64; docs/conversion.md).",
+        limitations=[
+            "The released files themselves were not available where the converter was written: it was checked "
+            "against checkpoints in their layout, and it stops, naming the tensor, on anything it does not expect.",
+            f"Inputs of at most {config.max_sequence_length} tokens.",
+        ],
+        tags=("fill-mask",) if head_name is None else ("text-classification",),
+        pipeline_tag="fill-mask" if isinstance(model, LunaForMaskedLM) else None,
+    )  # fmt: skip
+
+
 def convert(args: Arguments) -> Path:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not args.overwrite_output_dir:
@@ -550,6 +584,7 @@ def convert(args: Arguments) -> Path:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        write_card(staging, model, args, head_name, model_id=args.push_to_hub or output_dir.name)
         reloaded = type(model).from_pretrained(staging).state_dict()
         differing = [k for k, v in converted.items() if not torch.equal(reloaded[k], v.to(reloaded[k].dtype))]
         if differing:

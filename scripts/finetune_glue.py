@@ -314,7 +314,7 @@ class TaskMetric:
 
 
 class CardTrainer(Trainer):
-    """`Trainer.push_to_hub` writes README.md with `create_model_card`: use the card rendered from our template."""
+    """`create_model_card` (which `Trainer.push_to_hub` calls too) writes the card rendered from our template."""
 
     model_card = None
 
@@ -554,11 +554,14 @@ def main(argv=None):
             path.write_text("index\tprediction\n" + "\n".join(lines) + "\n")
             logger.info(f"Predictions written to {path}")
 
-    if training_args.push_to_hub:
-        repo_id = trainer.hub_model_id or training_args.hub_model_id  # Trainer adds the namespace
+    if training_args.do_train or training_args.push_to_hub:  # the saved folder's card; a push uploads the same one
+        repo_id = getattr(trainer, "hub_model_id", None) or training_args.hub_model_id  # Trainer adds the namespace
         trainer.model_card = render_model_card(
-            repo_id, trainer.model, model_args, data_args, training_args, raw, all_metrics, data_source, qqp
+            repo_id or Path(training_args.output_dir).name, trainer.model, model_args, data_args, training_args, raw,
+            all_metrics, data_source, qqp,
         )
+        trainer.create_model_card()
+    if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"Finetuned on {task or 'local data'}")
     return all_metrics
 

@@ -48,6 +48,7 @@ from transformers import (
 from transformers.trainer_pt_utils import get_parameter_names
 
 import luna_hf  # noqa: F401  (registers "luna" with the Auto classes)
+from luna_hf.model_card import write_model_card
 
 logger = get_logger(__name__)
 
@@ -245,7 +246,7 @@ def build_model(args: Arguments, tokenizer):
     longest = model.config.max_position_embeddings - model.config.pad_token_id - 1
     if args.max_seq_length > longest:
         raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's {longest} positions.")
-    if model.config.model_type == "luna":  # saved with the model; inference always returns every position's logits
+    if model.config.model_type == "luna":  # a training switch: `save_model` turns it off in the published config
         model.config.sparse_prediction = args.sparse_prediction
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -606,10 +607,40 @@ def check_replicas_agree(accelerator: Accelerator, model) -> str:
     return fingerprint
 
 
+def write_card(args, model, results: dict) -> None:
+    """README.md of the saved folder (pushed as is with --push_to_hub)."""
+    config = model.config
+    source = f"the local file `{Path(args.train_file).name}`" if args.train_file else f"`{args.dataset_name}`"
+    size = f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {model.num_parameters() / 1e6:.2f}M"
+    write_model_card(
+        args.output_dir, config=config, script="scripts/pretrain_mlm.py", load_class="AutoModelForMaskedLM",
+        title=f"{Path(args.output_dir).name}: a {config.model_type} masked language model",
+        summary=f"A {config.model_type} encoder ({size} parameters) pretrained from random weights with masked "
+                f"language modelling ({args.mlm_probability:.0%} of the tokens masked).",
+        data=f"{results['tokens_seen']:,} tokens of {source}, in blocks of {args.max_seq_length} tokens, "
+             f"{results['step']} optimizer steps at peak learning rate {args.learning_rate:g}; the metrics below are "
+             f"on " + (f"`{Path(args.validation_file).name}`" if args.validation_file else "a held-out split") + ".",
+        metrics={name: results[name] for name in ("eval_loss", "perplexity", "eval_accuracy") if name in results},
+        limitations=[
+            "Pretrained for the number of tokens above only: a few million tokens reach the unigram plateau of the MLM "
+            "loss (about 7.5 nats with an 8K vocabulary), where predictions ignore the context; it is a pipeline "
+            "check, not a language model, until trained far longer (the paper: 250k steps of 2K x 512 tokens).",
+            "English only, and only as broad as its corpus; it carries that corpus's biases.",
+            f"Inputs of at most {config.max_position_embeddings - config.pad_token_id - 1} tokens.",
+        ],
+        tags=("fill-mask",), pipeline_tag="fill-mask", datasets=[args.dataset_name] if args.dataset_name else None,
+        task_type="fill-mask", dataset_name=args.dataset_name or Path(args.train_file).name,
+        model_id=args.hub_model_id if args.push_to_hub and args.hub_model_id else None,
+    )  # fmt: skip
+
+
 def save_model(args, accelerator, model, tokenizer, results: dict) -> None:
     accelerator.wait_for_everyone()
     if accelerator.distributed_type != DistributedType.FSDP:  # FSDP shards the weights: no process holds them all
         results["weights_sha256"] = check_replicas_agree(accelerator, model)
+    # Sparse prediction is a training switch: the published folder must give every position's logits with labels
+    # too, as any masked LM does for downstream tools (transformers' run_mlm.py computes metrics on them).
+    accelerator.unwrap_model(model).config.sparse_prediction = False
     accelerator.unwrap_model(model).save_pretrained(
         args.output_dir,
         is_main_process=accelerator.is_main_process,
@@ -620,6 +651,7 @@ def save_model(args, accelerator, model, tokenizer, results: dict) -> None:
         return
     tokenizer.save_pretrained(args.output_dir)
     (Path(args.output_dir) / "all_results.json").write_text(json.dumps(results, indent=2))
+    write_card(args, accelerator.unwrap_model(model), results)
     logger.info(f"Saved the model and tokenizer to {args.output_dir}: {results}")
     if args.push_to_hub:
         from huggingface_hub import HfApi

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from fairseq_reference import fairseq_luna_forward
+from huggingface_hub import ModelCard
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -178,6 +179,9 @@ def test_converted_masked_lm_matches_the_fairseq_computation(tmp_path, variant):
     assert config["classifier_dropout"] == 0.2 and config["pad_token_id"] == PAD
     assert {"configuration_luna.py", "modeling_luna.py", "model.safetensors"} <= {p.name for p in output_dir.iterdir()}
     assert config["auto_map"]["AutoModelForMaskedLM"] == "modeling_luna.LunaForMaskedLM"
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.library_name == "transformers" and "luna" in card.data.tags
+    assert "model.pt" in card.text and f"l = {projection_length}" in card.text and "AutoModelForMaskedLM" in card.text
 
     lengths = [11, 7, 2]  # the longest row is longer than l=4 and shorter than l=12, 16
     tokens = padded_tokens(lengths)

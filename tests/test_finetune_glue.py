@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import BertConfig, EvalPrediction, RobertaConfig, RobertaForMaskedLM, pipeline
 
 from luna_hf import LunaForMaskedLM
@@ -144,6 +145,9 @@ def test_sst2_luna_learns_and_saves_a_loadable_classifier(work, tmp_path):
     classifier = pipeline("text-classification", model=str(out))
     assert [p["label"] for p in classifier(["a good film", "a bad film"])] == ["positive", "negative"]
     assert [p.split("\t")[1] for p in predictions[1:]] == ["negative", "positive"] * 3
+    card = ModelCard.load(out / "README.md")  # written locally, not only when pushing
+    assert card.data.eval_results[0].metric_value == metrics["eval_accuracy"]
+    assert f"| accuracy | {metrics['eval_accuracy']:.4f} |" in card.text and "GLUE SST-2" in card.text
 
 
 def test_early_stopping_on_the_task_metric(work, tmp_path):
@@ -183,6 +187,7 @@ def test_local_files_without_task_regression_and_other_formats(work, tmp_path):
     config = json.loads((tmp_path / "stsb" / "config.json").read_text())
     assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
     assert {"eval_pearson", "eval_spearmanr"} <= metrics.keys()
+    assert f"| pearson | {metrics['eval_pearson']:.4f} |" in ModelCard.load(tmp_path / "stsb" / "README.md").text
 
     rows = [{"review": s, "label": ["bad", "good", "meh"][i % 3]} for i, s in enumerate(hub_fixture.POSITIVE * 3)]
     pd.DataFrame(rows).to_parquet(tmp_path / "three.parquet")

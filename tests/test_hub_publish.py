@@ -119,6 +119,7 @@ def test_push_uploads_weights_tokenizer_remote_code_and_card(published):
     assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_luna.LunaForSequenceClassification"
 
     card = ModelCard.load(hub.repo_path(CLASSIFIER) / "README.md")
+    assert (work / "out" / "README.md").read_text() == card.content  # the local folder carries the pushed card
     accuracy = json.loads((work / "out" / "eval_results.json").read_text())["eval_accuracy"]
     result = card.data.eval_results[0]
     assert (result.metric_type, result.dataset_config, result.metric_value) == ("accuracy", "sst2", accuracy)

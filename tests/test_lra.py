@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import load_dataset
+from huggingface_hub import ModelCard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,6 +288,9 @@ def test_listops_run_learns_an_easy_subset(tmp_path, model, pooling):
     saved = json.loads((tmp_path / "run" / "lra_results.json").read_text())
     assert saved["test_accuracy"] == entry["test_accuracy"] and saved["steps"] == 60
     assert json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])["model"] == entry["model"]
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert f"| test_accuracy | {entry['test_accuracy']:.4f} |" in card.text
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["test_accuracy"] == entry["test_accuracy"]
 
 
 @pytest.mark.parametrize("task, steps", [("text", 40), ("retrieval", 60), ("image", 40)])
@@ -297,6 +301,7 @@ def test_built_tasks_are_learned(tmp_path, built, task, steps):
     chance = {"text": 0.5, "retrieval": 0.5, "image": 1 / 3}[task]
     assert entry["test_accuracy"] >= chance + 0.3, entry
     assert entry["real_data"] is False
+    assert "SUBSTITUTE" in ModelCard.load(tmp_path / "run" / "README.md").text
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path, built):

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from huggingface_hub import ModelCard
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "pretrain_mlm.py"
@@ -114,7 +116,12 @@ def test_loss_falls_and_outputs_are_complete(uninterrupted):
     assert [vocabulary[token] for token in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")] == [0, 1, 2, 3, 4]
     assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (1, 0, 2)
     assert config["max_position_embeddings"] == 32 + 2
-    assert config["sparse_prediction"] is True  # the script's default: the MLM head scores only masked tokens
+    # The script trains with sparse prediction (its default for Luna) but publishes a plain masked LM.
+    assert config["sparse_prediction"] is False
+    card = ModelCard.load(uninterrupted / "README.md")  # written locally; --push_to_hub uploads the folder as is
+    assert f"| eval_loss | {results['eval_loss']:.4f} |" in card.text and "train.txt" in card.text
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["eval_accuracy"] == results["eval_accuracy"]
+    assert card.data.pipeline_tag == "fill-mask" and "AutoModelForMaskedLM" in card.text
     assert (uninterrupted / "modeling_luna.py").is_file() and (uninterrupted / "tokenizer.json").is_file()
 
 
@@ -259,11 +266,14 @@ class BlockLunaHf:
             raise ImportError("luna_hf is blocked in this process")
 
 sys.meta_path.insert(0, BlockLunaHf())
-from transformers import AutoModelForMaskedLM, pipeline
+from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
 folder = sys.argv[1]
 model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)
 assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+# AutoTokenizer reads the model's config first: with trust_remote_code=True it does not stop to ask.
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+assert type(tokenizer).__name__ == "RobertaTokenizer", type(tokenizer)
 fill = pipeline("fill-mask", model=folder, trust_remote_code=True)
 predictions = fill("The old dog <mask> the river.")
 assert len(predictions) == 5 and all(0.0 <= p["score"] <= 1.0 for p in predictions)
@@ -278,10 +288,30 @@ def test_output_loads_with_auto_class_and_pipeline_without_luna_hf(workdir, unin
     env = {key: value for key, value in environment(workdir).items() if key != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_LUNA_HF, str(uninterrupted)],
-        cwd="/tmp", env=env, capture_output=True, text=True, timeout=300,
+        cwd="/tmp", env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.startswith("OK LunaForMaskedLM")
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+
+
+def test_published_folder_gives_every_positions_logits_to_run_mlm_style_metrics(uninterrupted):
+    """transformers' run_mlm.py evaluates with argmax over the logits and labels flattened alike; the sparse head's
+    (masked tokens, vocab) logits made it fail with an IndexError."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+    tokenizer = AutoTokenizer.from_pretrained(uninterrupted, trust_remote_code=True)
+    model = AutoModelForMaskedLM.from_pretrained(uninterrupted, trust_remote_code=True).eval()
+    torch.manual_seed(0)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3)
+    batch = collator([tokenizer(text) for text in sentences(4, seed=5)])
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
+    labels, predictions = batch["labels"].reshape(-1), logits.argmax(dim=-1).reshape(-1)
+    scored = labels != -100
+    accuracy = (predictions[scored] == labels[scored]).float().mean().item()  # run_mlm.py's compute_metrics
+    assert scored.any() and 0.0 <= accuracy <= 1.0
 
 
 def script_module():

@@ -38,6 +38,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_utils import get_last_checkpoint
 
 from luna_hf import LunaConfig, LunaForSequenceClassification
+from luna_hf.model_card import write_model_card
 
 CLS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # RoBERTa's special ids; task symbols start at 4
 LISTOPS_SYMBOLS = ["[MIN", "[MAX", "[MED", "[SM", "]"] + [str(digit) for digit in range(10)]
@@ -340,6 +341,28 @@ def resume_checkpoint(args: LRAArguments) -> str | None:
     return args.resume_from_checkpoint
 
 
+def write_card(args: LRAArguments, task: TaskConfig, info: dict, model: nn.Module, entry: dict) -> None:
+    """README.md of the run's folder: the model, the task data, the accuracies this run measured."""
+    config = model.config if hasattr(model, "config") else model.encoder.config
+    substitute = "" if info["real"] else f" (an offline SUBSTITUTE for LRA's {info.get('substitute_for')})"
+    usage = ("The classifier is `RetrievalModel` of `scripts/lra/run_lra.py` (one encoder reads both documents): "
+             "rebuild it with that script's `build_model` and load `model.safetensors` into it.")
+    write_model_card(
+        args.output_dir, config=config, script="scripts/lra/run_lra.py", usage=usage,
+        load_class=None if args.task == "retrieval" else "AutoModelForSequenceClassification",
+        title=f"LRA {args.task}: {args.run_name}, config {args.config}, seed {args.seed}",
+        summary=f"A {args.run_name} classifier ({task.num_layers} layers, hidden {task.hidden_size}, inputs of "
+                f"{task.max_length} tokens) trained from random weights on the Long Range Arena task {args.task} for "
+                f"{entry['steps']} steps (batch {task.batch_size}, learning rate {task.learning_rate:g}).",
+        data=f"{info['source']}{substitute}; the model with the best validation accuracy was tested.",
+        metrics={name: entry[name] for name in ("test_accuracy", "best_validation_accuracy", "train_seconds")},
+        limitations=[f"`--config {args.config}`: " + ("the paper's recipe." if args.config == "paper" else
+                     "a budget sized for a CPU, far below the paper's (Table 7): the accuracy is not the paper's."),
+                     "A Long Range Arena benchmark model: it classifies this task's inputs only."],
+        tags=("long-range-arena", args.task), task_type="text-classification", dataset_name=f"lra-{args.task}",
+    )  # fmt: skip
+
+
 def record(args: LRAArguments, task: TaskConfig, info: dict, results: dict) -> dict:
     entry = {"task": args.task, "model": args.run_name, "config": args.config, "seed": args.seed,
              "data": info["source"], "real_data": info["real"], **results,
@@ -377,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": trainer.state.global_step, "parameters": sum(p.numel() for p in model.parameters()),
         "resumed": checkpoint is not None, "device": str(trainer.args.device), "torch_threads": torch.get_num_threads(),
     })
+    write_card(args, task, info, model, entry)
     kind = "" if info["real"] else f" (SUBSTITUTE data for {info.get('substitute_for')})"
     print(f"=== LRA {args.task}{kind}, {args.run_name}, config {args.config}, seed {args.seed}: test accuracy "
           f"{entry['test_accuracy']:.4f} after {entry['steps']} steps, {entry['train_seconds']} s; "
