@@ -103,6 +103,15 @@ class Arguments:
     sparse_prediction: bool = field(
         default=True, metadata={"help": "Luna: the MLM head runs only on the masked tokens (the same loss, faster)."}
     )
+    normalize_before: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Luna from scratch: pre-LayerNorm layers (LunaConfig.normalize_before). Default: True with a "
+            "--preset (the paper's post-LN Luna collapses at learning rates where RoBERTa trains, see "
+            "docs/pretraining.md), the --config_name's own setting otherwise. False: the post-LN model of the "
+            "paper and of the authors' checkpoints."
+        },
+    )
     # Optimisation (defaults: the paper's Table 8)
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -156,6 +165,11 @@ class Arguments:
             )
         if self.streaming and self.max_train_steps is None:
             raise ValueError("--streaming data has no length: pass --max_train_steps.")
+        if self.normalize_before is not None and (self.model_type != "luna" or self.model_name_or_path):
+            raise ValueError(
+                "--normalize_before chooses the layers of a Luna trained from scratch; RoBERTa and a model given by "
+                "--model_name_or_path keep their own."
+            )
         if self.report_to == "none":
             self.report_to, self.with_tracking = None, False
         elif self.report_to or self.with_tracking:
@@ -232,6 +246,8 @@ def build_model(args: Arguments, tokenizer):
             config = AutoConfig.for_model(
                 args.model_type, **sizes, max_position_embeddings=args.max_seq_length + tokenizer.pad_token_id + 1
             )
+        if config.model_type == "luna" and (args.normalize_before is not None or not args.config_name):
+            config.normalize_before = args.normalize_before is not False  # a preset: pre-LN unless told otherwise
         config.update(
             dict(
                 vocab_size=len(tokenizer),
@@ -342,22 +358,61 @@ def optimizer_for(args: Arguments, model) -> torch.optim.AdamW:
     )
 
 
+COLLAPSE_SPREAD = 0.01  # a token-state spread below this: the final states no longer depend on the input (see docs)
+
+
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
-    """MLM loss (per masked token), perplexity and masked-token accuracy on the validation blocks."""
+    """MLM loss (per masked token), perplexity and masked-token accuracy on the validation blocks, and the spread of
+    the final token states (`token_state_spread`, see `spread_of_states`), which warns when the model collapsed."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-    for batch in without_global_rng(dataloader):
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        masked = labels != -100
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        correct = (logits.argmax(-1) == labels) & masked
-        per_row = torch.stack([nll.sum(1), masked.sum(1), correct.sum(1)], dim=1).double()
-        totals += accelerator.gather_for_metrics(per_row).sum(0)
+    base = accelerator.unwrap_model(model).base_model
+    # Over every real validation token: the sum of the final states, the sum of their squared norms, their count.
+    moments = torch.zeros(base.config.hidden_size + 2, dtype=torch.float64, device=accelerator.device)
+    last_states = []
+    hook = base.register_forward_hook(lambda module, args, output: last_states.append(output[0].detach()))
+    try:
+        for batch in without_global_rng(dataloader):
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            masked = labels != -100
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            correct = (logits.argmax(-1) == labels) & masked
+            per_row = torch.stack([nll.sum(1), masked.sum(1), correct.sum(1)], dim=1).double()
+            totals += accelerator.gather_for_metrics(per_row).sum(0)
+            states = last_states.pop().double()
+            if "attention_mask" in batch:
+                states = states[batch["attention_mask"].bool()]
+            states = states.reshape(-1, states.shape[-1])
+            moments += torch.cat([states.sum(0), states.pow(2).sum().view(1), moments.new_full((1,), len(states))])
+    finally:
+        hook.remove()
     model.train()
     loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_accuracy": (totals[2] / totals[1]).item()}
+    spread = spread_of_states(*accelerator.reduce(moments, "sum").split([moments.numel() - 2, 1, 1]))
+    if spread < COLLAPSE_SPREAD:
+        logger.warning(
+            f"The model has collapsed: its final token states barely differ (spread {spread:.2g} over the "
+            f"validation tokens, below {COLLAPSE_SPREAD}), so they no longer depend on the input and the model "
+            "cannot be finetuned; the MLM loss does not show this. Lower --learning_rate, or train Luna with "
+            "pre-LayerNorm layers (--normalize_before True, the default with a --preset). See docs/pretraining.md."
+        )
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "eval_accuracy": (totals[2] / totals[1]).item(),
+        "token_state_spread": spread,
+    }
+
+
+def spread_of_states(total: torch.Tensor, squared_norms: torch.Tensor, count: torch.Tensor) -> float:
+    """sqrt(mean ||h - mean h||^2) / sqrt(mean ||h||^2) of N states h, from their sum, sum of squared norms and N:
+    0 when every state is the same vector (a collapsed model), near 1 when they share little."""
+    count = count.clamp(min=1)
+    mean_square = squared_norms / count
+    variance = (mean_square - (total / count).pow(2).sum()).clamp(min=0)
+    return (variance / mean_square.clamp(min=1e-30)).sqrt().item()
 
 
 def checkpoints(output_dir: str) -> list[Path]:

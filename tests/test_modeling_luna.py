@@ -99,16 +99,64 @@ def reference_forward(state, config, input_ids, lengths):
         )
         for i in range(config.num_hidden_layers):
             prefix = f"luna.layers.{i}"
+            if config.normalize_before:  # the authors' pre-LN layer: sub-layers read normalised X and P
+                x_in = layer_norm(x, f"{prefix}.attention_layer_norm")
+                p_in = layer_norm(p, f"{prefix}.packed_layer_norm")
+                y_p = attention(p_in, x_in, f"{prefix}.pack_attention", has_output=False)
+                y_x = attention(x_in, y_p[:slots], f"{prefix}.unpack_attention", has_output=True)
+                p, x = p + y_p, x + y_x
+                ffn_in = layer_norm(x, f"{prefix}.ffn_layer_norm")
+                x = x + linear(F.gelu(linear(ffn_in, f"{prefix}.fc1")), f"{prefix}.fc2")
+                continue
             y_p = attention(p, x, f"{prefix}.pack_attention", has_output=False)  # Eq. 3: P attends to X
             y_x = attention(x, y_p[:slots], f"{prefix}.unpack_attention", has_output=True)  # Eq. 4: X attends to Y_P
             p = layer_norm(p + y_p, f"{prefix}.packed_layer_norm")  # Eq. 6
             x = layer_norm(x + y_x, f"{prefix}.attention_layer_norm")
             ffn = linear(F.gelu(linear(x, f"{prefix}.fc1")), f"{prefix}.fc2")
             x = layer_norm(x + ffn, f"{prefix}.ffn_layer_norm")
+        if config.normalize_before:  # and the final LayerNorms after the last layer
+            x, p = layer_norm(x, "luna.layer_norm"), layer_norm(p, "luna.packed_layer_norm")
         logits = layer_norm(F.gelu(linear(x, "lm_head.dense")), "lm_head.layer_norm")
         logits = logits @ state["luna.embeddings.word_embeddings.weight"].T + state["lm_head.decoder.bias"]
         results.append((x, p[:slots], logits))
     return results
+
+
+@pytest.mark.parametrize("tie_key_value", [True, False])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_pre_layer_norm_matches_independent_reference(tie_key_value, attn_implementation):
+    """`normalize_before=True`: the authors' pre-LN layers and final LayerNorms, padded batch, P cut and masked."""
+    torch.manual_seed(0)
+    config = tiny_config(tie_key_value=tie_key_value, projected_length=4, normalize_before=True)
+    config._attn_implementation = attn_implementation
+    model = LunaForMaskedLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "layer_norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    lengths = [9, 3, 6, 1]
+    input_ids, attention_mask = padded_batch(lengths)
+    with torch.no_grad():
+        outputs = model(input_ids, attention_mask=attention_mask)
+        base = model.luna(input_ids, attention_mask=attention_mask)
+        post_ln = LunaForMaskedLM(tiny_config(tie_key_value=tie_key_value, projected_length=4)).eval()
+        post_ln.load_state_dict(model.state_dict(), strict=False)
+        other = post_ln.luna(input_ids, attention_mask=attention_mask).last_hidden_state
+    expected = reference_forward(model.state_dict(), config, input_ids, lengths)
+    for row, (x, p, logits) in enumerate(expected):
+        n = lengths[row]
+        torch.testing.assert_close(base.last_hidden_state[row, :n], x, atol=1e-5, rtol=0)
+        torch.testing.assert_close(base.packed_hidden_state[row, : p.shape[0]], p, atol=1e-5, rtol=0)
+        torch.testing.assert_close(outputs.logits[row, :n], logits, atol=1e-5, rtol=0)
+    assert (other - base.last_hidden_state).abs().max() > 0.1  # the same weights, another computation
+
+
+def test_pre_layer_norm_adds_only_the_final_layer_norms():
+    """The default (post-LN) model keeps the authors' parameters; pre-LN adds the two final LayerNorms only."""
+    post, pre = LunaModel(tiny_config()), LunaModel(tiny_config(normalize_before=True))
+    extra = set(pre.state_dict()) - set(post.state_dict())
+    assert extra == {"layer_norm.weight", "layer_norm.bias", "packed_layer_norm.weight", "packed_layer_norm.bias"}
+    assert set(post.state_dict()) <= set(pre.state_dict())
 
 
 @pytest.mark.parametrize("tie_key_value", [True, False])
@@ -478,6 +526,8 @@ def test_every_head_learns_a_tiny_batch(head, problem_type):
         (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
         (dict(max_position_embeddings=2), "max_position_embeddings"),
         (dict(num_hidden_layers=-1), "num_hidden_layers"),
+        (dict(normalize_before="yes"), "normalize_before"),
+        (dict(normalize_before=True, is_decoder=True), "normalize_before"),
     ],
 )
 def test_bad_config_values_name_the_field(overrides, field):

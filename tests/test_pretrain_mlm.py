@@ -338,6 +338,25 @@ def test_sparse_prediction_is_set_for_luna_only(workdir, uninterrupted, model_ty
     assert getattr(model.config, "sparse_prediction", None) is sparse
 
 
+@pytest.mark.parametrize("normalize_before, expected", [(None, True), (True, True), (False, False)])
+def test_luna_from_a_preset_is_pre_layer_norm_unless_told_otherwise(workdir, uninterrupted, normalize_before, expected):
+    from transformers import AutoTokenizer
+
+    script = script_module()
+    options = {} if normalize_before is None else {"normalize_before": normalize_before}
+    args = script.Arguments(
+        output_dir=str(workdir / "unused"), train_file=str(workdir / "train.txt"), preset="luna-small",
+        config_overrides=TINY, max_seq_length=32, tokenizer_name=str(uninterrupted), **options,
+    )  # fmt: skip
+    model = script.build_model(args, AutoTokenizer.from_pretrained(uninterrupted))
+    assert model.config.normalize_before is expected
+    assert hasattr(model.luna, "layer_norm") is expected  # the pre-LN model's final LayerNorms
+    # A --config_name keeps its own layers unless the flag is given.
+    model.config.save_pretrained(workdir / "config-folder")
+    args.preset, args.config_name, args.normalize_before = None, str(workdir / "config-folder"), None
+    assert script.build_model(args, AutoTokenizer.from_pretrained(uninterrupted)).config.normalize_before is expected
+
+
 @pytest.mark.parametrize(
     "train_file, extra, message",
     [
@@ -345,6 +364,8 @@ def test_sparse_prediction_is_set_for_luna_only(workdir, uninterrupted, model_ty
         ("missing.txt", {"train_tokenizer": True}, "missing.txt: no such file"),
         ("train.txt", {}, "Pass --tokenizer_name, --model_name_or_path, or --train_tokenizer"),
         ("train.txt", {"train_tokenizer": True, "streaming": True}, "with --streaming pass --tokenizer_name"),
+        ("train.txt", {"train_tokenizer": True, "model_type": "roberta", "normalize_before": True}, "from scratch"),
+        ("train.txt", {"model_name_or_path": "x", "normalize_before": False}, "keep their own"),
     ],
 )
 def test_bad_arguments_give_clear_errors(workdir, train_file, extra, message):
@@ -380,3 +401,74 @@ def test_out_of_memory_says_what_fits(workdir, uninterrupted, monkeypatch, capsy
     assert message.startswith("Out of memory in a training step of 4 x 32 tokens per process.")
     assert "--gradient_checkpointing" in message and "--max_length_search" in message
     assert message.endswith("The last complete checkpoint is none.")
+
+
+def collapse(model) -> None:
+    """Make a Luna collapse as a post-LN Luna trained at too high a learning rate does: the unpack attention's output
+    (here its bias) dwarfs the residual, so after the layer's LayerNorm every token state is the same vector."""
+    with torch.no_grad():
+        for layer in model.luna.layers:
+            layer.unpack_attention.o_proj.bias.normal_(generator=torch.Generator().manual_seed(0)).mul_(1e4)
+
+
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_evaluation_measures_the_token_state_spread_and_warns_of_a_collapse(collapsed, caplog):
+    from accelerate import Accelerator
+
+    from luna_hf import LunaConfig, LunaForMaskedLM
+
+    pretrain_mlm = script_module()
+    torch.manual_seed(0)
+    config = LunaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, projected_length=8, max_position_embeddings=34)  # fmt: skip
+    model = LunaForMaskedLM(config)
+    if collapsed:
+        collapse(model)
+    input_ids = torch.randint(5, 60, (6, 32), generator=torch.Generator().manual_seed(1))
+    labels = torch.where(torch.rand(6, 32, generator=torch.Generator().manual_seed(2)) < 0.15, input_ids, -100)
+    batches = [{"input_ids": input_ids[i : i + 3], "labels": labels[i : i + 3]} for i in (0, 3)]
+    with caplog.at_level("WARNING"):
+        metrics = pretrain_mlm.evaluate(model, batches, Accelerator(cpu=True))
+    assert model.training  # evaluate hands the model back in training mode
+    # The same measure computed directly on the final states of the 192 tokens.
+    with torch.no_grad():
+        states = model.eval().luna(input_ids).last_hidden_state.reshape(-1, 32).double()
+    expected = ((states - states.mean(0)).pow(2).sum(-1).mean() / states.pow(2).sum(-1).mean()).sqrt().item()
+    assert metrics["token_state_spread"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    warned = "The model has collapsed" in caplog.text
+    if collapsed:
+        assert metrics["token_state_spread"] < 1e-3 and warned
+    else:
+        assert metrics["token_state_spread"] > 0.5 and not warned
+
+
+def test_collapse_check_reports_spread_and_norms(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import collapse_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from luna_hf import LunaConfig, LunaForMaskedLM
+
+    vocabulary = {word: i for i, word in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + NOUNS + VERBS + ADJECTIVES)}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LunaConfig(vocab_size=len(vocabulary), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, projected_length=8, max_position_embeddings=66)  # fmt: skip
+    model = LunaForMaskedLM(config)
+    texts = [" ".join(text.replace(".", "").split()[1:]) for text in sentences(16, seed=3)]  # various first words
+    healthy = collapse_check.collapse_report(model, tokenizer, texts, max_length=64)
+    collapse(model)
+    collapsed = collapse_check.collapse_report(model, tokenizer, texts, max_length=64)
+    assert healthy["token_spread"] > 0.5 and healthy["mean_cosine"] < 0.5 and not healthy["collapsed"]
+    assert collapsed["token_spread"] < 1e-3 and collapsed["mean_cosine"] > 0.999 and collapsed["collapsed"]
+    assert collapsed["sentence_spread"] < 1e-3 < healthy["sentence_spread"]
+    assert len(collapsed["attention_output_norm"]) == len(collapsed["residual_norm"]) == 2
+    # The collapse shows where it comes from: the unpack output dwarfs the residual it is added to.
+    assert min(collapsed["attention_output_norm"]) > 100 * max(collapsed["residual_norm"])
+    assert max(healthy["attention_output_norm"]) < max(healthy["residual_norm"])

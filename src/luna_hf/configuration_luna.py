@@ -48,6 +48,13 @@ class LunaConfig(PreTrainedConfig):
             option): the same loss, and logits of shape (labelled tokens, vocab_size). Without labels the logits
             are always (batch_size, sequence_length, vocab_size). `scripts/pretrain_mlm.py` turns it on.
         sparse_pred_ignore_index (`int`, defaults to -100): the label of positions the sparse head skips.
+        normalize_before (`bool`, defaults to `False`): pre-LayerNorm layers (the authors' `normalize_before`):
+            each layer normalises X and P before the pack/unpack attention and X before the feed-forward block, the
+            residuals add the un-normalised states, and `LunaModel` normalises X and P once more after the last
+            layer (its `layer_norm` and `packed_layer_norm`, the authors' final `layer_norm` and
+            `proj_layer_norm`). `False` is the paper's post-LayerNorm Eq. 6, used by every released checkpoint.
+            Unlike the authors' code (which then drops them), the embeddings keep their LayerNorms. Pre-LN trains
+            at learning rates where the post-LN small Luna collapses (docs/pretraining.md).
 
     Fields of the causal (decoder-only) Luna of paper §3.3, `LunaForCausalLM`:
         is_decoder (`bool`, defaults to `False`): build the causal model: every layer attends over its own learned P
@@ -90,6 +97,7 @@ class LunaConfig(PreTrainedConfig):
     classifier_dropout: float | int | None = None
     sparse_prediction: bool = False
     sparse_pred_ignore_index: int = -100
+    normalize_before: bool = False
     is_decoder: bool = False
     causal_activation: str = "softplus"
     causal_chunk_size: int = 64
@@ -121,6 +129,10 @@ class LunaConfig(PreTrainedConfig):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"LunaConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        if not isinstance(self.normalize_before, bool):
+            raise ValueError(f"LunaConfig.normalize_before must be True or False, got {self.normalize_before!r}.")
+        if self.normalize_before and self.is_decoder:
+            raise ValueError("LunaConfig.normalize_before=True is implemented for the encoder only, not is_decoder.")
         if self.classifier_pooling not in CLASSIFIER_POOLINGS:
             raise ValueError(
                 f"LunaConfig.classifier_pooling must be one of {CLASSIFIER_POOLINGS}, got {self.classifier_pooling!r}."

@@ -263,6 +263,7 @@ class LunaLayer(GradientCheckpointingLayer):
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LunaDropout(config.hidden_dropout_prob)
+        self.normalize_before = config.normalize_before
 
     def forward(
         self,
@@ -272,6 +273,8 @@ class LunaLayer(GradientCheckpointingLayer):
         unpack_mask: torch.Tensor | None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.normalize_before:
+            return self.pre_layer_norm_forward(hidden_states, packed_states, pack_mask, unpack_mask, **kwargs)
         # Pack: Y_P = Attn(P, X). Unpack: Y_X = Attn(X, Y_P), with keys/values from the raw Y_P.
         packed_context, _ = self.pack_attention(packed_states, hidden_states, pack_mask, **kwargs)
         unpacked, _ = self.unpack_attention(hidden_states, packed_context, unpack_mask, **kwargs)
@@ -279,6 +282,16 @@ class LunaLayer(GradientCheckpointingLayer):
         packed_states = self.packed_layer_norm(packed_states + self.dropout(packed_context))
         hidden_states = self.attention_layer_norm(hidden_states + self.dropout(unpacked))
         hidden_states = self.ffn_layer_norm(hidden_states + self.dropout(self.feed_forward(hidden_states)))
+        return hidden_states, packed_states
+
+    def pre_layer_norm_forward(self, hidden_states, packed_states, pack_mask, unpack_mask, **kwargs):
+        """`config.normalize_before` (the authors' pre-LN layer): normalise each sub-layer's input, not its output."""
+        normalized = self.attention_layer_norm(hidden_states)
+        packed_context, _ = self.pack_attention(self.packed_layer_norm(packed_states), normalized, pack_mask, **kwargs)
+        unpacked, _ = self.unpack_attention(normalized, packed_context, unpack_mask, **kwargs)
+        packed_states = packed_states + self.dropout(packed_context)
+        hidden_states = hidden_states + self.dropout(unpacked)
+        hidden_states = hidden_states + self.dropout(self.feed_forward(self.ffn_layer_norm(hidden_states)))
         return hidden_states, packed_states
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -375,6 +388,9 @@ class LunaModel(LunaPreTrainedModel):
         self.gradient_checkpointing = False
         self.embeddings = LunaEmbeddings(config)
         self.layers = nn.ModuleList([LunaLayer(config) for _ in range(config.num_hidden_layers)])
+        if config.normalize_before:  # pre-LN: the last layer's sums are normalised once more (authors' final LNs)
+            self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -420,6 +436,8 @@ class LunaModel(LunaPreTrainedModel):
         )
         for layer in self.layers:
             hidden_states, packed_states = layer(hidden_states, packed_states, pack_mask, unpack_mask, **kwargs)
+        if self.config.normalize_before:
+            hidden_states, packed_states = self.layer_norm(hidden_states), self.packed_layer_norm(packed_states)
 
         return LunaModelOutput(
             last_hidden_state=hidden_states,
