@@ -345,7 +345,7 @@ def write_card(args: LRAArguments, task: TaskConfig, info: dict, model: nn.Modul
     """README.md of the run's folder: the model, the task data, the accuracies this run measured."""
     config = model.config if hasattr(model, "config") else model.encoder.config
     substitute = "" if info["real"] else f" (an offline SUBSTITUTE for LRA's {info.get('substitute_for')})"
-    usage = ("The classifier is `RetrievalModel` of `scripts/lra/run_lra.py` (one encoder reads both documents): "
+    usage = ("The classifier is `PairClassifier` of `scripts/lra/run_lra.py` (one encoder reads both documents): "
              "rebuild it with that script's `build_model` and load `model.safetensors` into it.")
     write_model_card(
         args.output_dir, config=config, script="scripts/lra/run_lra.py", usage=usage,

@@ -35,7 +35,8 @@ None: {{ no_metrics_reason }}
 {% endif %}
 ## Use
 {% if load_class %}
-The folder carries its model code (`auto_map`), so `transformers` alone loads it:
+{% if is_luna %}The folder carries its model code (`auto_map`), so `transformers` alone loads it:{% else %}A
+`transformers` model (no custom code):{% endif %}
 
 ```python
 from transformers import {{ load_class }}
