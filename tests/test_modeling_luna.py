@@ -122,18 +122,24 @@ def reference_forward(state, config, input_ids, lengths):
     return results
 
 
-@pytest.mark.parametrize("tie_key_value", [True, False])
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_pre_layer_norm_matches_independent_reference(tie_key_value, attn_implementation):
-    """`normalize_before=True`: the authors' pre-LN layers and final LayerNorms, padded batch, P cut and masked."""
-    torch.manual_seed(0)
-    config = tiny_config(tie_key_value=tie_key_value, projected_length=4, normalize_before=True)
+def perturbed_masked_lm(config, attn_implementation):
+    """A masked LM with non-trivial LayerNorm and bias values, so a swapped or missing term shows."""
     config._attn_implementation = attn_implementation
     model = LunaForMaskedLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias") or "layer_norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("tie_key_value", [True, False])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_pre_layer_norm_matches_independent_reference(tie_key_value, attn_implementation):
+    """`normalize_before=True`: the authors' pre-LN layers and final LayerNorms, padded batch, P cut and masked."""
+    torch.manual_seed(0)
+    config = tiny_config(tie_key_value=tie_key_value, projected_length=4, normalize_before=True)
+    model = perturbed_masked_lm(config, attn_implementation)
     lengths = [9, 3, 6, 1]
     input_ids, attention_mask = padded_batch(lengths)
     with torch.no_grad():
@@ -168,13 +174,7 @@ def test_matches_independent_reference(tie_key_value, projected_length, dynamic_
     config = tiny_config(
         tie_key_value=tie_key_value, projected_length=projected_length, dynamic_projection=dynamic_projection
     )
-    config._attn_implementation = attn_implementation
-    model = LunaForMaskedLM(config).eval()
-    # Non-trivial LayerNorm and bias values, so a swapped or missing term shows.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "layer_norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
+    model = perturbed_masked_lm(config, attn_implementation)
     lengths = [9, 3, 6, 1]
     input_ids, attention_mask = padded_batch(lengths)
     with torch.no_grad():
