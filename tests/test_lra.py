@@ -1,7 +1,10 @@
 """Long Range Arena scripts (scripts/lra/): the ListOps generator against an evaluator written here, the data
-builders on tiny local stand-ins for their offline sources, and tiny training runs on trivially learnable data."""
+builders on tiny local stand-ins for their offline sources, tiny training runs on trivially learnable data, and
+`--config small` (the Skyformer / Nystromformer harness's model and recipe) on a tiny Pathfinder set. The Pathfinder
+generator itself is tested in tests/test_pathfinder.py."""
 
 import csv
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datasets import load_dataset
 from huggingface_hub import ModelCard
 
@@ -27,6 +31,7 @@ def load_script(name):
 listops = load_script("listops")
 build_data = load_script("build_data")
 run_lra = load_script("run_lra")
+pathfinder = load_script("pathfinder")
 
 
 # ---------------------------------------------------------------------------------------------------- ListOps
@@ -330,7 +335,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, built):
         (malformed / f"basic_{split}.tsv").write_text("Input\tLabel\n( [MAX 1 2 ] )\t2\n")
     with pytest.raises(SystemExit, match="malformed"):
         train(tmp_path, "listops", malformed)
-    for flags in (["--task", "pathfinder"], ["--task", "text", "--config", "large"]):
+    for flags in (["--task", "pathx"], ["--task", "text", "--config", "large"]):
         result = subprocess.run([sys.executable, str(ROOT / "scripts/lra/run_lra.py"), *flags, "--data_dir", "x"],
                                 capture_output=True, text=True)
         assert result.returncode == 2 and "invalid choice" in result.stderr
@@ -361,7 +366,8 @@ def test_report_table_averages_seeds_and_keeps_the_latest_rerun(tmp_path):
 
 
 @pytest.mark.parametrize("task, shape", [("listops", (1, 512, 8, 2048, 2001)), ("text", (4, 256, 4, 1024, 4001)),
-                                         ("retrieval", (4, 128, 4, 512, 4001)), ("image", (1, 64, 8, 128, 1025))])
+                                         ("retrieval", (4, 128, 4, 512, 4001)), ("image", (1, 64, 8, 128, 1025)),
+                                         ("pathfinder", (1, 128, 4, 128, 1025))])
 def test_paper_config_builds_the_authors_lra_architectures(task, shape):
     """`--config paper`: the authors' luna_lra_* shapes (layers, width, heads, FFN, tokens with <CLS>), untied."""
     args = run_lra.LRAArguments(task=task, data_dir="unused", config="paper")
@@ -373,5 +379,81 @@ def test_paper_config_builds_the_authors_lra_architectures(task, shape):
     assert config.tie_key_value is False and config.projected_length == 16
     recipe = args.task_config()
     table7 = {"listops": (1e-4, 32, 5000), "text": (5e-5, 32, 20000), "retrieval": (5e-5, 32, 20000),
-              "image": (5e-3, 256, 35000)}[task]
+              "image": (5e-3, 256, 35000), "pathfinder": (1e-3, 256, 62500)}[task]
     assert (recipe.learning_rate, recipe.batch_size, recipe.max_steps) == table7
+
+
+# ---------------------------------------------------------------------------------------------------- --config small
+
+
+@pytest.fixture(scope="module")
+def tiny_pathfinder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pathfinder")
+    return pathfinder.main(["--output_dir", str(folder / "pf"), "--num_samples", "40", "--seed", "5"])
+
+
+SMALL_RUN = ["--config", "small", "--max_steps", "3", "--batch_size", "8", "--eval_steps", "3", "--threads", "1",
+             "--disable_tqdm", "True"]
+
+
+@pytest.mark.parametrize("model, pooling", [("luna", "cls"), ("luna", "packed_mean"), ("transformer", "cls")])
+def test_small_config_trains_pathfinder_end_to_end(tmp_path, tiny_pathfinder, model, pooling):
+    entry = run_lra.main(["--task", "pathfinder", "--data_dir", str(tiny_pathfinder), "--model", model,
+                          "--classifier_pooling", pooling, "--output_dir", str(tmp_path / "run"),
+                          "--results_file", str(tmp_path / "results.jsonl"), *SMALL_RUN])
+    assert entry["config"] == "small" and entry["steps"] == 3 and entry["real_data"] is False
+    settings = entry["settings"]
+    assert (settings["num_layers"], settings["hidden_size"], settings["num_heads"], settings["intermediate_size"],
+            settings["max_length"]) == (2, 64, 2, 128, 1024)
+    assert (settings["lr_scheduler"], settings["adam_beta2"], settings["adam_epsilon"], settings["weight_decay"]) == \
+        ("linear", 0.999, 1e-6, 0.0)
+    assert 0.0 <= entry["test_accuracy"] <= 1.0
+
+
+def test_small_config_is_the_harness_recipe():
+    """The issue's table: learning rate, batch and length per task; the same model for all."""
+    expected = {"listops": (1e-4, 32, 2000), "text": (1e-4, 32, 4000), "retrieval": (2e-4, 16, 4000),
+                "pathfinder": (2e-4, 128, 1024), "image": (1e-4, 256, 1024)}
+    for task, recipe in expected.items():
+        config = run_lra.LRAArguments(task=task, data_dir="unused", config="small").task_config()
+        assert (config.learning_rate, config.batch_size, config.max_length) == recipe
+        assert (config.num_layers, config.hidden_size, config.num_heads, config.intermediate_size, config.dropout,
+                config.lr_scheduler) == (2, 64, 2, 128, 0.1, "linear")
+
+
+@pytest.mark.parametrize("task", ["pathfinder", "retrieval"])
+def test_small_transformer_mean_pools_valid_tokens_only(task):
+    """Padding, whatever fills it, does not change the logits of --config small's Transformer; it reads no <CLS>."""
+    args = run_lra.LRAArguments(task=task, data_dir="unused", model="transformer", config="small")
+    assert not args.prepends_cls and run_lra.LRAArguments(task=task, data_dir="x", config="small").prepends_cls
+    model = run_lra.build_model(args, replace_length(args.task_config(), 32), vocab_size=260, num_labels=2).eval()
+    ids = torch.randint(4, 260, (2, 12))
+    mask = torch.ones_like(ids)
+    padded_ids = torch.cat([ids, torch.randint(0, 260, (2, 5))], 1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 5, dtype=torch.long)], 1)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    padded = {"input_ids": padded_ids, "attention_mask": padded_mask}
+    if task == "retrieval":
+        inputs |= {"input_ids2": ids.flip(0), "attention_mask2": mask}
+        padded |= {"input_ids2": padded_ids.flip(0), "attention_mask2": padded_mask}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, model(**padded).logits, atol=1e-5, rtol=1e-5)
+    hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
+    assert run_lra.masked_mean(hidden, torch.tensor([[1, 1, 0]])).item() == 2.0
+
+
+def replace_length(task, max_length):
+    return dataclasses.replace(task, max_length=max_length)
+
+
+def test_small_config_refuses_a_folder_built_for_another_length(tmp_path, tiny_pathfinder):
+    small = pathfinder.main(["--output_dir", str(tmp_path / "pf16"), "--num_samples", "20", "--image_size", "16",
+                             "--contour_length", "4"])
+    with pytest.raises(SystemExit, match=r"images of \[256\] pixels, but --config small reads 1024: rebuild it with "
+                                         r"`python scripts/lra/pathfinder.py --output_dir NEW_DIR --image_size 32`"):
+        run_lra.main(["--task", "pathfinder", "--data_dir", str(small), "--output_dir", str(tmp_path / "run"),
+                      *SMALL_RUN])
+    with pytest.raises(SystemExit, match="holds the 'pathfinder' task"):
+        run_lra.main(["--task", "image", "--data_dir", str(tiny_pathfinder), "--output_dir", str(tmp_path / "run"),
+                      *SMALL_RUN])
+    assert not (tmp_path / "run").exists()

@@ -6,15 +6,19 @@
     python scripts/lra/run_lra.py --task listops --data_dir data/lra/listops --model transformer
 
 `--config paper` is the paper's Table 7 recipe on the authors' LRA architectures (`luna_lra_*`: post-LN, untied
-key/value, learned positions, a `<CLS>` token prepended); `--config cpu` (default) is a reduced model and budget
-that runs on a 2-core CPU in minutes. Luna is `LunaForSequenceClassification`; the Transformer is RoBERTa's
-architecture of the same size with SDPA attention. Retrieval encodes both documents with one encoder and classifies
-[rep(doc2), rep(doc1)], as the authors do. The model with the best validation accuracy is tested; the test accuracy,
-wall time and settings go to `OUTPUT_DIR/lra_results.json` and are appended to `--results_file`. Interrupted?
-The same command with `--resume_from_checkpoint latest` continues from the last checkpoint.
+key/value, learned positions, a `<CLS>` token prepended); `--config small` is the small model and recipe of the
+Skyformer / Nystromformer LRA harness (2 layers, hidden 64, AdamW, linear decay; the Transformer mean-pools its
+valid tokens); `--config cpu` (default) is a reduced model and budget that runs on a 2-core CPU in minutes. Luna
+is `LunaForSequenceClassification`; the Transformer is RoBERTa's architecture of the same size with SDPA
+attention. Retrieval encodes both documents with one encoder and classifies [rep(doc2), rep(doc1)], as the authors
+do. Pathfinder (scripts/lra/pathfinder.py) reads pixels as tokens, as Image does. The model with the best
+validation accuracy is tested; the test accuracy, wall time and settings go to `OUTPUT_DIR/lra_results.json` and are
+appended to `--results_file`. Interrupted? The same command with `--resume_from_checkpoint latest` continues from the
+last checkpoint.
 """
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +39,11 @@ from transformers import (
     set_seed,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.roberta.modeling_roberta import (
+    RobertaClassificationHead,
+    RobertaModel,
+    RobertaPreTrainedModel,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from luna_hf import LunaConfig, LunaForSequenceClassification
@@ -44,10 +53,12 @@ CLS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # RoBERTa's special ids; task symbo
 LISTOPS_SYMBOLS = ["[MIN", "[MAX", "[MED", "[SM", "]"] + [str(digit) for digit in range(10)]
 LISTOPS_VOCAB = {symbol: i + 4 for i, symbol in enumerate(LISTOPS_SYMBOLS)}
 TASK_COLUMNS = {"listops": ["Source", "Target"], "text": ["text", "label"], "retrieval": ["text1", "text2", "label"],
-                "image": ["pixels", "label"]}
+                "image": ["pixels", "label"], "pathfinder": ["pixels", "label"]}
+PIXEL_TASKS = ("image", "pathfinder")  # one token per grey pixel, a fixed number of them
 BUILD_COMMANDS = {"listops": "python scripts/lra/listops.py --output_dir DIR",
                   **{task: f"python scripts/lra/build_data.py --task {task} --output_dir DIR"
-                     for task in ("text", "retrieval", "image")}}
+                     for task in ("text", "retrieval", "image")},
+                  "pathfinder": "python scripts/lra/pathfinder.py --output_dir DIR"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,9 @@ class TaskConfig:
     eval_steps: int
     max_eval_samples: int | None = None  # validation rows used for model selection (all: None)
     max_test_samples: int | None = None  # test rows (all: None)
+    lr_scheduler: str = "inverse_sqrt"  # the authors' (fairseq); "linear": warm-up, then linear decay to 0
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-8
 
 
 # Table 7 of the paper on the authors' release architectures (../shared/notes/authors-implementation.md, §9-10).
@@ -77,6 +91,7 @@ PAPER = {
     "text": TaskConfig(4, 256, 1024, 4, 4000, 5e-5, 0.3, 0.3, 32, 20000, 8000, 1e-4, 1000),
     "retrieval": TaskConfig(4, 128, 512, 4, 4000, 5e-5, 0.1, 0.1, 32, 20000, 8000, 1e-4, 1000),
     "image": TaskConfig(1, 64, 128, 8, 1024, 5e-3, 0.1, 0.3, 256, 35000, 4000, 0.0, 1000),
+    "pathfinder": TaskConfig(1, 128, 128, 4, 1024, 1e-3, 0.2, 0.1, 256, 62500, 4000, 0.0, 1000),
 }
 # Reduced for a 2-core CPU (one thread per run): smaller models, a few hundred steps, 1K-byte documents, 2,000 test
 # rows, the same task structure. The Transformer takes 4-10 s per step here, Luna-16 0.2-0.5 s (README).
@@ -90,15 +105,30 @@ CPU = {
     "retrieval": replace(PAPER["retrieval"], **CPU_BUDGET, num_layers=2, intermediate_size=256, max_length=1024,
                          max_steps=150, warmup_steps=15),
     "image": replace(PAPER["image"], **CPU_BUDGET, max_steps=200, warmup_steps=20),
+    "pathfinder": replace(PAPER["pathfinder"], **CPU_BUDGET, max_steps=200, warmup_steps=20),
 }
+# The Skyformer / Nystromformer LRA harness (pkuzengqi/Skyformer src/config.py, after Nystromformer's LRA code): 2
+# layers, 2 heads x 32, FFN 128, dropout 0.1, AdamW (0.9, 0.999, eps 1e-6, no weight decay), warm-up then linear
+# decay over 50,000 updates, its warm-up and evaluation interval per task; the Transformer mean-pools. Luna gets the
+# same sizes and recipe. Where this differs from the harness: docs/lra.md ("--config small").
+SMALL_MODEL = dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=2, dropout=0.1, attention_dropout=0.1,
+                   max_steps=50000, weight_decay=0.0, lr_scheduler="linear", adam_beta2=0.999, adam_epsilon=1e-6)
+SMALL = {task: TaskConfig(**SMALL_MODEL, max_length=length, learning_rate=lr, batch_size=batch, warmup_steps=warmup,
+                          eval_steps=eval_steps)
+         for task, length, lr, batch, warmup, eval_steps in (
+             ("listops", 2000, 1e-4, 32, 1000, 500), ("text", 4000, 1e-4, 32, 80, 500),
+             ("retrieval", 4000, 2e-4, 16, 800, 1000), ("pathfinder", 1024, 2e-4, 128, 312, 500),
+             ("image", 1024, 1e-4, 256, 175, 50))}
+CONFIGS = {"paper": PAPER, "cpu": CPU, "small": SMALL}
 
 
 @dataclass
 class LRAArguments:
-    task: Literal["listops", "text", "retrieval", "image"] = field(metadata={"help": "The LRA task."})
-    data_dir: str = field(metadata={"help": "Folder written by scripts/lra/listops.py or build_data.py."})
+    task: Literal["listops", "text", "retrieval", "image", "pathfinder"] = field(metadata={"help": "The LRA task."})
+    data_dir: str = field(metadata={"help": "Folder written by scripts/lra/listops.py, build_data.py, pathfinder.py."})
     model: Literal["luna", "transformer"] = field(default="luna", metadata={"help": "Luna, or RoBERTa (SDPA)."})
-    config: Literal["paper", "cpu"] = field(default="cpu", metadata={"help": "Paper's recipe or the CPU one."})
+    config: Literal["paper", "cpu", "small"] = field(
+        default="cpu", metadata={"help": "The paper's recipe, the CPU one, or the Skyformer harness's small one."})
     projected_length: int = field(default=16, metadata={"help": "Luna's l (paper: 16, 128, 256)."})
     classifier_pooling: Literal["cls", "packed_mean"] = field(
         default="cls", metadata={"help": "Luna: <CLS> token, or mean of the final P (paper Table 3, no <CLS>)."})
@@ -128,13 +158,23 @@ class LRAArguments:
         self.output_dir = self.output_dir or str(Path("outputs/lra") / name)
 
     @property
+    def mean_pooled_transformer(self) -> bool:
+        """--config small's Transformer: the mean of its final states over valid tokens, as in the harness."""
+        return self.model == "transformer" and self.config == "small"
+
+    @property
+    def prepends_cls(self) -> bool:
+        """A <CLS> token goes first unless nothing reads it (P-mean, a mean-pooled Transformer)."""
+        return self.classifier_pooling == "cls" and not self.mean_pooled_transformer
+
+    @property
     def run_name(self) -> str:
         if self.model == "transformer":
             return "transformer"
         return f"luna{self.projected_length}" + ("-pmean" if self.classifier_pooling == "packed_mean" else "")
 
     def task_config(self) -> TaskConfig:
-        base = (PAPER if self.config == "paper" else CPU)[self.task]
+        base = CONFIGS[self.config][self.task]
         overrides = {"max_steps": self.max_steps, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
                      "max_length": self.max_length, "eval_steps": self.eval_steps,
                      "max_test_samples": self.max_test_samples}
@@ -189,12 +229,12 @@ def byte_ids(text: str) -> list[int]:
 
 
 def make_encoder(task: str, max_length: int, prepend_cls: bool):
-    """Row -> model inputs. ListOps and Image have a fixed length (too long is an error); Text and Retrieval read
-    the first `max_length` bytes of a document, which is how LRA defines them."""
+    """Row -> model inputs. ListOps, Image and Pathfinder have a fixed length (too long is an error); Text and
+    Retrieval read the first `max_length` bytes of a document, which is how LRA defines them."""
     prefix = [CLS_ID] if prepend_cls else []
 
     def fit(ids: list[int]) -> list[int]:
-        if len(ids) > max_length and task in ("listops", "image"):
+        if len(ids) > max_length and task in ("listops", *PIXEL_TASKS):
             raise ValueError(f"A {task} input has {len(ids)} tokens, more than the model's {max_length}: pass "
                              f"--max_length {len(ids)} or rebuild the data with shorter sequences.")
         return prefix + ids[:max_length]
@@ -202,7 +242,7 @@ def make_encoder(task: str, max_length: int, prepend_cls: bool):
     def encode(batch: dict) -> dict:
         if task == "listops":
             return {"input_ids": [fit(listops_ids(source)) for source in batch["Source"]], "label": batch["label"]}
-        if task == "image":
+        if task in PIXEL_TASKS:
             return {"input_ids": [fit([pixel + 4 for pixel in row]) for row in batch["pixels"]],
                     "label": batch["label"]}
         if task == "text":
@@ -213,13 +253,22 @@ def make_encoder(task: str, max_length: int, prepend_cls: bool):
     return encode
 
 
-def check_lengths(data: DatasetDict, task: str, max_length: int) -> None:
-    """Fail before training when a fixed-length task does not fit the model (Text/Retrieval are truncated)."""
-    if task not in ("listops", "image"):
+def check_lengths(data: DatasetDict, args: LRAArguments, max_length: int) -> None:
+    """Fail before training when a fixed-length task does not fit the model (Text/Retrieval are truncated), or
+    when images were made at another size than the model's (learned positions are per pixel)."""
+    task = args.task
+    if task not in ("listops", *PIXEL_TASKS):
         return
     for split, dataset in data.items():
         column = dataset["Source"] if task == "listops" else dataset["pixels"]
         lengths = [len(listops_ids(source)) for source in column] if task == "listops" else [len(row) for row in column]
+        if task in PIXEL_TASKS and set(lengths) != {max_length}:
+            side = math.isqrt(max_length)
+            remedy = (f"rebuild it with `{BUILD_COMMANDS[task].replace('DIR', 'NEW_DIR')} --image_size {side}`"
+                      if task == "pathfinder" and side * side == max_length else "rebuild it at that size")
+            raise SystemExit(f"{args.data_dir} holds {split} images of {sorted(set(lengths))} pixels, but --config "
+                             f"{args.config} reads {max_length}: {remedy}, or pass --max_length {max(lengths)} "
+                             f"(then the run is not at the config's length).")
         if max(lengths) > max_length:
             raise SystemExit(f"The longest {split} input has {max(lengths)} tokens, more than --max_length "
                              f"{max_length} (the model's positions): pass --max_length {max(lengths)}, or rebuild "
@@ -235,10 +284,10 @@ def prepare_data(args: LRAArguments, task: TaskConfig) -> tuple[DatasetDict, dic
     for split, limit in (("validation", task.max_eval_samples), ("test", task.max_test_samples)):
         if limit and limit < len(data[split]):
             data[split] = data[split].shuffle(seed=0).select(range(limit))
-    check_lengths(data, args.task, task.max_length)
-    # The paper's P-mean rows (Table 3) drop the <CLS> token, as the authors' `--use-p` does.
-    prepend_cls = args.classifier_pooling == "cls"
-    return data.with_transform(make_encoder(args.task, task.max_length, prepend_cls)), info
+    check_lengths(data, args, task.max_length)
+    # The paper's P-mean rows (Table 3) drop the <CLS> token, as the authors' `--use-p` does; so does the harness's
+    # mean-pooled Transformer.
+    return data.with_transform(make_encoder(args.task, task.max_length, args.prepends_cls)), info
 
 
 def pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,13 +311,40 @@ def collate(features: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------------- models
 
 
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the final states of the valid tokens (attention mask 1); padding is left out."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def classification_output(logits: torch.Tensor, labels: torch.Tensor | None) -> SequenceClassifierOutput:
+    loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+    return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class MeanPooledRobertaClassifier(RobertaPreTrainedModel):
+    """`--config small`'s Transformer, pooled as in the Skyformer / Nystromformer harness: RoBERTa's encoder, the
+    mean of its final states over the valid tokens, then RoBERTa's classification head (dense, tanh, projection)."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__(config)
+        self.roberta = RobertaModel(config, add_pooling_layer=False)
+        self.classifier = RobertaClassificationHead(config)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        hidden = self.roberta(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return classification_output(self.classifier(masked_mean(hidden, attention_mask)[:, None]), labels)
+
+
 class PairClassifier(nn.Module):
     """LRA Retrieval: one encoder reads both documents; the authors' classifier (Linear, ReLU, Linear) reads
-    [rep(doc2), rep(doc1)], where rep is the encoder's pooled state (Luna) or its first token (RoBERTa)."""
+    [rep(doc2), rep(doc1)], where rep is the encoder's pooled state (Luna), its first token (RoBERTa) or, with
+    `mean_pool`, the mean of RoBERTa's states over valid tokens (`--config small`)."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int):
+    def __init__(self, encoder: nn.Module, num_labels: int, mean_pool: bool = False):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.mean_pool = encoder, mean_pool
         hidden_size = encoder.config.hidden_size
         self.classifier = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(),
                                         nn.Linear(hidden_size, num_labels, bias=False))
@@ -277,13 +353,13 @@ class PairClassifier(nn.Module):
         outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         if isinstance(self.encoder.config, LunaConfig):
             return outputs.pooler_output
+        if self.mean_pool:
+            return masked_mean(outputs.last_hidden_state, attention_mask)
         return outputs.last_hidden_state[:, 0]
 
     def forward(self, input_ids, attention_mask, input_ids2, attention_mask2, labels=None):
         pair = torch.cat([self.represent(input_ids2, attention_mask2), self.represent(input_ids, attention_mask)], -1)
-        logits = self.classifier(pair)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return classification_output(self.classifier(pair), labels)
 
 
 def build_model(args: LRAArguments, task: TaskConfig, vocab_size: int, num_labels: int) -> nn.Module:
@@ -301,11 +377,11 @@ def build_model(args: LRAArguments, task: TaskConfig, vocab_size: int, num_label
         single = LunaForSequenceClassification
     else:
         config = RobertaConfig(**common, attn_implementation="sdpa")
-        single = RobertaForSequenceClassification
+        single = MeanPooledRobertaClassifier if args.mean_pooled_transformer else RobertaForSequenceClassification
     if args.task != "retrieval":
         return single(config)
     encoder = AutoModel.from_config(config, **({} if args.model == "luna" else {"add_pooling_layer": False}))
-    return PairClassifier(encoder, num_labels)
+    return PairClassifier(encoder, num_labels, mean_pool=args.mean_pooled_transformer)
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -319,7 +395,8 @@ def training_arguments(args: LRAArguments, task: TaskConfig) -> TrainingArgument
     return TrainingArguments(
         output_dir=args.output_dir, max_steps=task.max_steps, per_device_train_batch_size=task.batch_size,
         per_device_eval_batch_size=task.batch_size, learning_rate=task.learning_rate, weight_decay=task.weight_decay,
-        adam_beta1=0.9, adam_beta2=0.98, lr_scheduler_type="inverse_sqrt", warmup_steps=task.warmup_steps,
+        adam_beta1=0.9, adam_beta2=task.adam_beta2, adam_epsilon=task.adam_epsilon, lr_scheduler_type=task.lr_scheduler,
+        warmup_steps=task.warmup_steps,
         eval_strategy="steps", eval_steps=task.eval_steps, save_strategy="steps", save_steps=task.eval_steps,
         save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="accuracy", logging_steps=50,
         seed=args.seed, data_seed=args.seed, remove_unused_columns=False, bf16=args.bf16, report_to=args.report_to,
