@@ -365,6 +365,31 @@ def test_report_table_averages_seeds_and_keeps_the_latest_rerun(tmp_path):
     assert any(row.startswith("| Luna-16, [CLS] (paper) | 37.43 |") for row in rows)
 
 
+def test_report_checks_equal_settings_and_plots_validation_curves(tmp_path):
+    report = load_script("report")
+    settings = {"max_length": 1024, "batch_size": 16, "max_steps": 600, "learning_rate": 1e-3, "warmup_steps": 60,
+                "num_layers": 2, "hidden_size": 64}
+    lines = [{"task": "image", "model": model, "config": "small", "seed": 0, "test_accuracy": 0.5,
+              "train_seconds": 10.0, "settings": {**settings, "max_steps": steps},
+              "validation_curve": [[100, 0.3], [200, 0.4]]}
+             for model, steps in (("transformer", 600), ("luna16", 600), ("luna16-pmean", 400))]
+    lines.append({**lines[0], "task": "pathfinder"})
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    plot_file = tmp_path / "curves" / "lra.png"
+    rows = report.main(["--results_file", str(path), "--config", "small", "--plot_file", str(plot_file)]).splitlines()
+    image = next(row for row in rows if row.startswith("| image | 1024 |"))
+    assert image.endswith("| NO: luna16-pmean s0 ran other settings |"), image
+    assert next(row for row in rows if row.startswith("| pathfinder |")).endswith("| yes |")
+    assert any(row.startswith("| Transformer (RoBERTa, SDPA) (paper) |") and row.endswith("| 71.83 | |")
+               for row in rows)
+    assert plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [{key: value for key, value in line.items() if key != "validation_curve"} for line in lines]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(SystemExit, match="nothing to plot"):
+        report.main(["--results_file", str(path), "--config", "small", "--plot_file", str(plot_file)])
+
+
 @pytest.mark.parametrize("task, shape", [("listops", (1, 512, 8, 2048, 2001)), ("text", (4, 256, 4, 1024, 4001)),
                                          ("retrieval", (4, 128, 4, 512, 4001)), ("image", (1, 64, 8, 128, 1025)),
                                          ("pathfinder", (1, 128, 4, 128, 1025))])
@@ -457,3 +482,18 @@ def test_small_config_refuses_a_folder_built_for_another_length(tmp_path, tiny_p
         run_lra.main(["--task", "image", "--data_dir", str(tiny_pathfinder), "--output_dir", str(tmp_path / "run"),
                       *SMALL_RUN])
     assert not (tmp_path / "run").exists()
+
+
+def test_step_times_runs_every_model_on_the_same_inputs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "lra"))
+    step_times = load_script("step_times")
+    output = tmp_path / "times.jsonl"
+    rows = step_times.main(["--task", "retrieval", "--max_length", "32", "--batch_size", "2", "--steps", "1",
+                            "--warmup", "0", "--output_file", str(output)])
+    assert [row["model"] for row in rows] == ["transformer", "luna16", "luna16-pmean"]
+    assert all(row["step_seconds"] > 0 and row["max_length"] == 32 for row in rows)
+    assert [json.loads(line)["model"] for line in output.read_text().splitlines()] == [r["model"] for r in rows]
+    with pytest.raises(ValueError, match="Unknown --models"):
+        step_times.StepTimeArguments(task="image", max_length=8, batch_size=2, models=["performer"])
+    with pytest.raises(ValueError, match="--task must be one of"):
+        step_times.StepTimeArguments(task="pathx", max_length=8, batch_size=2)

@@ -139,6 +139,8 @@ class LRAArguments:
     learning_rate: float | None = field(default=None, metadata={"help": "Override the config's learning rate."})
     max_length: int | None = field(default=None, metadata={"help": "Override the config's tokens per input."})
     eval_steps: int | None = field(default=None, metadata={"help": "Override how often validation runs."})
+    warmup_steps: int | None = field(default=None, metadata={"help": "Override the config's warm-up updates."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Override the config's validation rows."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_test_samples: int | None = field(default=None, metadata={"help": "Override the config's test rows."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
@@ -176,8 +178,8 @@ class LRAArguments:
     def task_config(self) -> TaskConfig:
         base = CONFIGS[self.config][self.task]
         overrides = {"max_steps": self.max_steps, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
-                     "max_length": self.max_length, "eval_steps": self.eval_steps,
-                     "max_test_samples": self.max_test_samples}
+                     "max_length": self.max_length, "eval_steps": self.eval_steps, "warmup_steps": self.warmup_steps,
+                     "max_eval_samples": self.max_eval_samples, "max_test_samples": self.max_test_samples}
         return replace(base, **{name: value for name, value in overrides.items() if value is not None})
 
 
@@ -440,6 +442,11 @@ def write_card(args: LRAArguments, task: TaskConfig, info: dict, model: nn.Modul
     )  # fmt: skip
 
 
+def validation_curve(log_history: list[dict]) -> list[list[float]]:
+    """[step, validation accuracy] at every evaluation (a resumed run's history includes the earlier ones)."""
+    return [[entry["step"], entry["eval_accuracy"]] for entry in log_history if "eval_accuracy" in entry]
+
+
 def record(args: LRAArguments, task: TaskConfig, info: dict, results: dict) -> dict:
     entry = {"task": args.task, "model": args.run_name, "config": args.config, "seed": args.seed,
              "data": info["source"], "real_data": info["real"], **results,
@@ -476,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": round(train_seconds, 1), "train_loss": train_output.training_loss,
         "steps": trainer.state.global_step, "parameters": sum(p.numel() for p in model.parameters()),
         "resumed": checkpoint is not None, "device": str(trainer.args.device), "torch_threads": torch.get_num_threads(),
+        "validation_curve": validation_curve(trainer.state.log_history),
     })
     write_card(args, task, info, model, entry)
     kind = "" if info["real"] else f" (SUBSTITUTE data for {info.get('substitute_for')})"
