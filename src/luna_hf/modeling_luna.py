@@ -51,7 +51,7 @@ from transformers.utils.import_utils import is_tracing
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_luna import LunaConfig
-from .modeling_luna_attention import LunaAttention
+from .modeling_luna_attention import LearnedKernelAttention, LearnedKernelFeatureMap, LunaAttention
 
 # Saved folders name every Auto class, not only the saved head's, so that `AutoModel`, every head and every pipeline
 # load any Luna folder with `trust_remote_code=True` (transformers itself writes only the saved class's entry).
@@ -67,7 +67,12 @@ LUNA_AUTO_MAP = {
 }
 # Every file of the model's code. transformers copies only the saved class's file and what it imports, so a folder
 # saved from an encoder would lack the causal decoder's file that `auto_map` names: `save_pretrained` adds the rest.
-LUNA_CODE_FILES = ("configuration_luna.py", "modeling_luna.py", "modeling_luna_attention.py", "modeling_luna_causal.py")
+LUNA_CODE_FILES = (
+    "configuration_luna.py",
+    "modeling_luna.py",
+    "modeling_luna_attention.py",
+    "modeling_luna_causal.py",
+)
 
 
 @dataclass
@@ -77,10 +82,13 @@ class LunaModelOutput(ModelOutput):
         Token states X of the last layer.
     packed_hidden_state (`torch.FloatTensor` of shape `(batch_size, packed_length, hidden_size)`):
         Packed sequence P of the last layer (`packed_length` = `projected_length`, or less with dynamic projection).
+        With `attention_type="learned_kernel"` there is no P: this, `packed_attention_mask`, `packed_hidden_states`
+        and `pack_attentions` are None, and asking for the last two raises a `ValueError`.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         Sentence representation chosen by `config.classifier_pooling`: the mean of the final P over each row's valid
-        slots (`"packed_mean"`), else the first real token's state (`"cls"`; also for the learned P poolings, whose
-        parameters belong to the sequence heads' `classifier.pooler`, which apply them on top of it).
+        slots (`"packed_mean"`), the mean of the real tokens' states (`"mean"`), else the first real token's state
+        (`"cls"`; also for the learned P poolings, whose parameters belong to the sequence heads' `classifier.pooler`,
+        which apply them on top of it).
     packed_attention_mask (`torch.LongTensor` of shape `(batch_size, packed_length)`):
         1 for the slots of P that a row uses, 0 for those beyond its length (dynamic projection).
     packed_hidden_states (`tuple(torch.FloatTensor)`, returned with `output_packed_hidden_states=True`):
@@ -90,7 +98,9 @@ class LunaModelOutput(ModelOutput):
     hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
         X after the embeddings and after each layer.
     attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
-        Unpack attention maps (X over P), `(batch_size, num_heads, sequence_length, packed_length)` per layer.
+        Unpack attention maps (X over P), `(batch_size, num_heads, sequence_length, packed_length)` per layer. With
+        `attention_type="learned_kernel"` (any attention implementation), the explicit normalised maps A of the
+        linear attention, `(batch_size, num_heads, sequence_length, sequence_length)`: O(n^2), for debugging.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -114,7 +124,8 @@ class LunaDropout(nn.Dropout):
 
 
 class LunaEmbeddings(nn.Module):
-    """Token states X as in RoBERTa (tokens + learned positions, LayerNorm, dropout) and the first layer's P."""
+    """Token states X as in RoBERTa (tokens + learned positions, LayerNorm, dropout) and the first layer's P (nested
+    attention; the learned-kernel attention has no P and gets None)."""
 
     def __init__(self, config: LunaConfig):
         super().__init__()
@@ -125,8 +136,10 @@ class LunaEmbeddings(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         # P is itself a learned positional embedding (paper §3.1): no position term, its own LayerNorm.
-        self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
-        self.projected_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.projected_embeddings = self.projected_layer_norm = None
+        if config.attention_type == "nested":
+            self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
+            self.projected_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LunaDropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, inputs_embeds, token_mask, slot_mask):
@@ -138,6 +151,8 @@ class LunaEmbeddings(nn.Module):
         position_ids = torch.cumsum(token_mask, dim=1) * token_mask + self.padding_idx
         hidden_states = self.layer_norm(inputs_embeds + self.position_embeddings(position_ids))
         hidden_states = self.dropout(hidden_states) * token_mask.unsqueeze(-1).to(hidden_states.dtype)
+        if self.projected_embeddings is None:
+            return hidden_states, None
 
         packed_length = slot_mask.shape[1]
         packed_states = self.projected_layer_norm(self.projected_embeddings[:packed_length])
@@ -174,14 +189,25 @@ class GeluThenLinear(torch.autograd.Function):
 
 
 class LunaLayer(GradientCheckpointingLayer):
-    """One Luna layer (paper Eq. 6, post-LayerNorm): pack, unpack, residuals on X and on P, feed-forward on X only."""
+    """One Luna layer (paper Eq. 6, post-LayerNorm): pack, unpack, residuals on X and on P, feed-forward on X only.
+
+    The attention is chosen here by `config.attention_type`: `"nested"`, Luna's pack and unpack attentions
+    (`LunaAttention` twice), or `"learned_kernel"`, one `LearnedKernelAttention` of X over X. Everything else is the
+    same; the learned-kernel layer has no P, and takes and returns `packed_states=None`.
+    """
 
     def __init__(self, config: LunaConfig):
         super().__init__()
-        self.pack_attention = LunaAttention(config, output_projection=False)
-        self.unpack_attention = LunaAttention(config, output_projection=True)
+        self.attention_type = config.attention_type
+        if config.attention_type == "nested":
+            self.pack_attention = LunaAttention(config, output_projection=False)
+            self.unpack_attention = LunaAttention(config, output_projection=True)
+        else:
+            self.attention = LearnedKernelAttention(config)
         self.attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.packed_layer_norm = None
+        if config.attention_type == "nested":
+            self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.activation = ACT2FN[config.hidden_act]
@@ -194,31 +220,43 @@ class LunaLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        packed_states: torch.Tensor,
-        pack_mask: torch.Tensor | None,
+        packed_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
         unpack_mask: torch.Tensor | None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """X, P (None for the learned-kernel attention), the mask of X as keys (nested: the pack attention's, from
+        `create_bidirectional_mask`; learned kernel: the (batch, n) token mask) and the unpack attention's mask of P
+        (None for the learned kernel). Returns the new X and P."""
         if self.normalize_before:
-            return self.pre_layer_norm_forward(hidden_states, packed_states, pack_mask, unpack_mask, **kwargs)
-        # Pack: Y_P = Attn(P, X). Unpack: Y_X = Attn(X, Y_P), with keys/values from the raw Y_P.
-        packed_context, _ = self.pack_attention(packed_states, hidden_states, pack_mask, **kwargs)
-        unpacked, _ = self.unpack_attention(hidden_states, packed_context, unpack_mask, **kwargs)
-
-        packed_states = self.packed_layer_norm(packed_states + self.dropout(packed_context))
-        hidden_states = self.attention_layer_norm(hidden_states + self.dropout(unpacked))
+            return self.pre_layer_norm_forward(hidden_states, packed_states, attention_mask, unpack_mask, **kwargs)
+        attended, packed_context = self.attend(hidden_states, packed_states, attention_mask, unpack_mask, **kwargs)
+        if packed_states is not None:
+            packed_states = self.packed_layer_norm(packed_states + self.dropout(packed_context))
+        hidden_states = self.attention_layer_norm(hidden_states + self.dropout(attended))
         hidden_states = self.ffn_layer_norm(hidden_states + self.dropout(self.feed_forward(hidden_states)))
         return hidden_states, packed_states
 
-    def pre_layer_norm_forward(self, hidden_states, packed_states, pack_mask, unpack_mask, **kwargs):
+    def pre_layer_norm_forward(self, hidden_states, packed_states, attention_mask, unpack_mask, **kwargs):
         """`config.normalize_before` (the authors' pre-LN layer): normalise each sub-layer's input, not its output."""
         normalized = self.attention_layer_norm(hidden_states)
-        packed_context, _ = self.pack_attention(self.packed_layer_norm(packed_states), normalized, pack_mask, **kwargs)
-        unpacked, _ = self.unpack_attention(normalized, packed_context, unpack_mask, **kwargs)
-        packed_states = packed_states + self.dropout(packed_context)
-        hidden_states = hidden_states + self.dropout(unpacked)
+        normalized_packed = self.packed_layer_norm(packed_states) if packed_states is not None else None
+        attended, packed_context = self.attend(normalized, normalized_packed, attention_mask, unpack_mask, **kwargs)
+        if packed_states is not None:
+            packed_states = packed_states + self.dropout(packed_context)
+        hidden_states = hidden_states + self.dropout(attended)
         hidden_states = hidden_states + self.dropout(self.feed_forward(self.ffn_layer_norm(hidden_states)))
         return hidden_states, packed_states
+
+    def attend(self, hidden_states, packed_states, attention_mask, unpack_mask, **kwargs):
+        """X's attention output and the packed context (None for the learned-kernel attention)."""
+        if self.attention_type == "learned_kernel":
+            attended, _ = self.attention(hidden_states, attention_mask, **kwargs)
+            return attended, None
+        # Pack: Y_P = Attn(P, X). Unpack: Y_X = Attn(X, Y_P), with keys/values from the raw Y_P.
+        packed_context, _ = self.pack_attention(packed_states, hidden_states, attention_mask, **kwargs)
+        unpacked, _ = self.unpack_attention(hidden_states, packed_context, unpack_mask, **kwargs)
+        return unpacked, packed_context
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         intermediate = self.fc1(hidden_states)
@@ -282,7 +320,10 @@ class LunaPreTrainedModel(PreTrainedModel):
         "packed_hidden_states": [OutputRecorder(LunaEmbeddings, index=1), OutputRecorder(LunaLayer, index=1)],
         "pack_attentions": OutputRecorder(LunaAttention, index=1, layer_name="pack_attention"),
         "hidden_states": LunaLayer,
-        "attentions": OutputRecorder(LunaAttention, index=1, layer_name="unpack_attention"),
+        "attentions": [
+            OutputRecorder(LunaAttention, index=1, layer_name="unpack_attention"),
+            OutputRecorder(LearnedKernelAttention, index=1),
+        ],
     }
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -297,16 +338,40 @@ class LunaPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, LunaEmbeddings):
+        if isinstance(module, LunaEmbeddings) and module.projected_embeddings is not None:
             init.normal_(module.projected_embeddings, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, LearnedKernelFeatureMap):
+            # The authors' listing: W ~ N(0, 1/d), b = 0; psi's layers as PyTorch's nn.Linear default,
+            # U(+-1/sqrt(fan_in)) (fan_in 1 for the hidden layer, kernel_mlp_hidden for the output layer).
+            init.normal_(module.projection_weight, mean=0.0, std=module.head_dim**-0.5)
+            init.zeros_(module.projection_bias)
+            init.uniform_(module.channel_hidden_weight, -1.0, 1.0)
+            init.uniform_(module.channel_hidden_bias, -1.0, 1.0)
+            bound = module.channel_output_weight.shape[1] ** -0.5
+            init.uniform_(module.channel_output_weight, -bound, bound)
+            init.uniform_(module.channel_output_bias, -bound, bound)
+            if module.envelope_scale is not None:
+                init.zeros_(module.envelope_scale)
 
 
 def pack_attentions_follow_output_attentions(forward):
-    """`output_attentions=True` returns the pack maps too (recorded under their own key, `pack_attentions`)."""
+    """`output_attentions=True` returns the pack maps too (recorded under their own key, `pack_attentions`). The
+    learned-kernel attention reads the flag itself to build its explicit maps, and has no P: asking for its packed
+    states or pack maps is an error."""
 
     @wraps(forward)
     def wrapper(self, *args, **kwargs):
-        kwargs.setdefault("output_pack_attentions", kwargs.get("output_attentions", self.config.output_attentions))
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        if self.config.attention_type == "nested":
+            kwargs.setdefault("output_pack_attentions", output_attentions)
+            return forward(self, *args, **kwargs)
+        for name in ("output_packed_hidden_states", "output_pack_attentions"):
+            if kwargs.get(name, getattr(self.config, name, False)):
+                raise ValueError(
+                    f'{name}=True asks for Luna\'s packed sequence P, which attention_type="learned_kernel" does not '
+                    "have: use output_hidden_states / output_attentions (the token states and the attention maps)."
+                )
+        kwargs["output_attentions"] = output_attentions
         return forward(self, *args, **kwargs)
 
     return wrapper
@@ -321,7 +386,8 @@ class LunaModel(LunaPreTrainedModel):
         self.layers = nn.ModuleList([LunaLayer(config) for _ in range(config.num_hidden_layers)])
         if config.normalize_before:  # pre-LN: the last layer's sums are normalised once more (authors' final LNs)
             self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            if config.attention_type == "nested":
+                self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -349,26 +415,31 @@ class LunaModel(LunaPreTrainedModel):
             token embeddings instead of `input_ids`.
         """
         token_mask = self.validate_inputs(input_ids, attention_mask, inputs_embeds)
-        slot_mask = self.projected_slot_mask(token_mask)
+        slot_mask = self.projected_slot_mask(token_mask) if self.config.attention_type == "nested" else None
         hidden_states, packed_states = self.embeddings(input_ids, inputs_embeds, token_mask, slot_mask)
 
-        # Pack: P (queries) over X (keys), X's padding masked. Unpack: X over P, P's unused slots masked.
-        pack_mask = create_bidirectional_mask(
-            config=self.config,
-            inputs_embeds=packed_states,
-            attention_mask=token_mask,
-            encoder_hidden_states=hidden_states,
-        )
-        unpack_mask = create_bidirectional_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=slot_mask,
-            encoder_hidden_states=packed_states,
-        )
+        if self.config.attention_type == "nested":
+            # Pack: P (queries) over X (keys), X's padding masked. Unpack: X over P, P's unused slots masked.
+            key_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=packed_states,
+                attention_mask=token_mask,
+                encoder_hidden_states=hidden_states,
+            )
+            unpack_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=slot_mask,
+                encoder_hidden_states=packed_states,
+            )
+        else:  # the learned-kernel attention zeroes the padded keys' features: it takes the token mask as it is
+            key_mask, unpack_mask = token_mask, None
         for layer in self.layers:
-            hidden_states, packed_states = layer(hidden_states, packed_states, pack_mask, unpack_mask, **kwargs)
+            hidden_states, packed_states = layer(hidden_states, packed_states, key_mask, unpack_mask, **kwargs)
         if self.config.normalize_before:
-            hidden_states, packed_states = self.layer_norm(hidden_states), self.packed_layer_norm(packed_states)
+            hidden_states = self.layer_norm(hidden_states)
+            if packed_states is not None:
+                packed_states = self.packed_layer_norm(packed_states)
 
         return LunaModelOutput(
             last_hidden_state=hidden_states,
@@ -419,12 +490,15 @@ class LunaModel(LunaPreTrainedModel):
         return (slots.unsqueeze(0) < lengths.unsqueeze(1)).long()
 
     def pool(self, hidden_states, packed_states, token_mask, slot_mask) -> torch.Tensor:
-        """The mean of P's valid slots (`"packed_mean"`), else the first real token's state: `"cls"`, and what the
-        sequence heads' learned poolings read. The first real token, not the first position, so that a left-padded
-        row pools its own [CLS] rather than a padding position."""
+        """The mean of P's valid slots (`"packed_mean"`), the mean of the real tokens (`"mean"`), else the first real
+        token's state: `"cls"`, and what the sequence heads' learned poolings read. The first real token, not the
+        first position, so that a left-padded row pools its own [CLS] rather than a padding position."""
         if self.config.classifier_pooling == "packed_mean":
             weights = slot_mask.unsqueeze(-1).to(packed_states.dtype)
             return (packed_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        if self.config.classifier_pooling == "mean":
+            weights = token_mask.unsqueeze(-1).to(hidden_states.dtype)
+            return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         first_real = token_mask.argmax(dim=1)  # 0 for a fully padded row
         return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), first_real]
 

@@ -16,6 +16,11 @@
 Nested attention (Ma et al., 2021): `LunaAttention`, the softmax attention that a Luna layer runs twice (pack, then
 unpack), and `LunaCausalAttention`, the causal form of paper §3.3 with its running sums (`causal_product`).
 
+Learned-kernel attention (Shahbazi et al., 2025, `attention_type="learned_kernel"`): `LearnedKernelFeatureMap`, the
+learned feature map phi, `LearnedKernelAttention`, the bidirectional linear attention phi(Q)(phi(K)^T V) /
+phi(Q)(phi(K)^T 1), and `LearnedKernelCausalAttention`, its causal form (the same `causal_product` and cache helpers
+as the nested causal attention).
+
 Copied next to saved checkpoints for `trust_remote_code`: it imports only torch, transformers and its sibling
 `configuration_luna.py`.
 """
@@ -25,9 +30,11 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
+from transformers.utils.import_utils import is_tracing
 
 from .configuration_luna import LunaConfig
 
@@ -116,14 +123,16 @@ CAUSAL_ACTIVATIONS = {  # the authors' softplus has beta = ln 2: log2(1 + 2^z), 
 
 def causal_product(x, y, z, token_count, initial_state, chunk_size: int):
     """Paper Eq. 7 after a state S_0: out_t = (1/t) x_t (S_0 + sum_{j<=t} y_j^T z_j), x and y (..., n, d1), z (..., n,
-    d2), t (..., n, 1), S_0 (..., d1, d2) or None. A masked c x c product within each chunk, the running d1 x d2 sums
-    across chunks; never n x n nor n x d1 x d2. Sums in (at least) float32. Returns the outputs and the final state."""
+    d2), t (..., n, 1) or None (no division), S_0 (..., d1, d2) or None. A masked c x c product within each chunk, the
+    running d1 x d2 sums across chunks (one d1 x d2 state per chunk, n/c of them); never n x n nor n x d1 x d2. Sums in
+    (at least) float32. Returns the outputs and the final state. Both causal attentions use it."""
     dtype = x.dtype
     x, y, z = (t.to(torch.promote_types(dtype, torch.float32)) for t in (x, y, z))
     length = x.shape[-2]
     if length == 1 and initial_state is not None:  # a decoding step: one rank-1 update of the state
         state = initial_state + y.transpose(-1, -2) @ z
-        return (x @ state / token_count.to(x.dtype)).to(dtype), state
+        output = x @ state
+        return (output if token_count is None else output / token_count.to(x.dtype)).to(dtype), state
     chunk = min(chunk_size, length)
     x, y, z = (nn.functional.pad(t, (0, 0, 0, -length % chunk)).unflatten(-2, (-1, chunk)) for t in (x, y, z))
     chunk_sums = y.transpose(-1, -2) @ z  # (..., chunks, d1, d2)
@@ -134,7 +143,29 @@ def causal_product(x, y, z, token_count, initial_state, chunk_size: int):
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     within_chunk = (x @ y.transpose(-1, -2)).masked_fill(~causal, 0.0) @ z
     output = (within_chunk + x @ states_before).flatten(-3, -2)[..., :length, :]
-    return (output / token_count.to(output.dtype)).to(dtype), states_after[..., -1, :, :]
+    if token_count is not None:
+        output = output / token_count.to(output.dtype)
+    return output.to(dtype), states_after[..., -1, :, :]
+
+
+def read_recurrent_states(cache, layer_idx: int, number_of_states: int):
+    """A causal attention's states in `cache` (a `DynamicCache` of linear-attention layers), None before the first
+    token."""
+    if cache is None or not cache.has_previous_state(layer_idx):
+        return None
+    return [cache.get_recurrent_state(layer_idx, index) for index in range(number_of_states)]
+
+
+def write_recurrent_states(cache, layer_idx: int, states, consumed_length: int):
+    """Store a causal attention's states, and count the positions consumed (padding included) as
+    `cache.get_seq_length()`: `generate()` reads it to feed only the new tokens when it continues from a cache that
+    already holds some."""
+    layer = cache.layers[layer_idx]
+    for index, state in enumerate(states):
+        cache.update_recurrent_state(state, layer_idx, state_idx=index)
+        # transformers sets this flag and the length in `update_conv_state` only; Luna has no convolution state.
+        layer.has_previous_state[index] = True
+    layer.cumulative_length_linear.add_(consumed_length)
 
 
 class LunaCausalAttention(nn.Module):
@@ -174,7 +205,7 @@ class LunaCausalAttention(nn.Module):
     def forward(self, hidden_states, packed_states, token_mask, token_count, slot_mask=None, cache=None):
         """X (batch, n, hidden), P (l or batch x l, hidden), token_mask (batch, n), token_count (batch, n): real tokens
         up to each position, cached ones included; slot_mask (batch, l), 1 = usable slot. Returns Y and W."""
-        past = self.read_cache(cache)
+        past = read_recurrent_states(cache, self.layer_idx, number_of_states=4)
         if past is None:
             pack_queries = self.split_heads(self.pack_query_proj(packed_states)) * self.scaling
         else:
@@ -200,22 +231,174 @@ class LunaCausalAttention(nn.Module):
         if cache is not None:
             pack_queries = pack_queries.expand(hidden_states.shape[0], *pack_queries.shape[-3:])
             states = (key_sums, value_sums, token_count[:, -1], pack_queries)
-            self.write_cache(cache, states, consumed_length=hidden_states.shape[1])
+            write_recurrent_states(cache, self.layer_idx, states, consumed_length=hidden_states.shape[1])
         return self.o_proj(output.transpose(1, 2).flatten(2)), weights
 
-    def read_cache(self, cache):
-        """Key sums (batch, heads, dim, l), value sums (batch, heads, l, dim), token count (batch,), pack queries
-        (batch, heads, l, dim); None before the first token."""
-        if cache is None or not cache.has_previous_state(self.layer_idx):
-            return None
-        return [cache.get_recurrent_state(self.layer_idx, index) for index in range(4)]
 
-    def write_cache(self, cache, states, consumed_length: int):
-        """Store the states, and count the positions consumed (padding included) as `cache.get_seq_length()`:
-        `generate()` reads it to feed only the new tokens when it continues from a cache that already holds some."""
-        layer = cache.layers[self.layer_idx]
-        for index, state in enumerate(states):
-            cache.update_recurrent_state(state, self.layer_idx, state_idx=index)
-            # transformers sets this flag and the length in `update_conv_state` only; Luna has no convolution state.
-            layer.has_previous_state[index] = True
-        layer.cumulative_length_linear.add_(consumed_length)
+# ---------------------------------------------------------------------------------------------------------------------
+# Learned-kernel linear attention ("LUNA: Linear Universal Neural Attention", Shahbazi et al., 2025), unrelated to
+# Luna's nested attention above; `config.attention_type="learned_kernel"`. docs/learned-kernel.md.
+
+KERNEL_VALUE_SUMS, KERNEL_NORMALIZER_SUMS = 0, 1  # per cache layer, then TOKEN_COUNT (the decoder reads it)
+ENVELOPE_LOG_LIMIT = 30.0  # |log h(x)| <= 30 keeps exp_sqnorm's envelope and the float32 sums finite
+
+
+class LearnedKernelFeatureMap(nn.Module):
+    """The learned feature map phi: R^d -> R^D, D = m * L (paper eq. 11 and its Listing 1), of one attention layer,
+    shared by its heads and by queries and keys:
+
+        u_i(x) = w_i^T x + b_i                                  m projections, W (m x d) ~ N(0, 1/d), b = 0
+        psi_l(u) = ReLU(a_l^T ReLU(alpha_l u + beta_l) + c_l)   L scalar MLPs of width `kernel_mlp_hidden`
+        phi(x) = h(x) / sqrt(m) * [psi_l(u_i(x))]_{i, l}        feature i * L + l; h = 1 unless an envelope is set
+
+    The output ReLU of psi is dropped with `kernel_nonnegative=False`. With `kernel_shared_channels` the L channels
+    share psi's hidden layer (one 1 -> hidden -> L MLP: alpha, beta of shape (1, hidden)); otherwise each has its own
+    (alpha, beta of shape (L, hidden)). psi's layers start as PyTorch's `nn.Linear` default, as in the listing.
+
+    Everything is computed in float32. psi runs on at most `kernel_feature_chunk_size` scalars u at a time, and in
+    training each chunk is recomputed in the backward pass rather than kept: per call, memory holds u
+    (batch x heads x n x m floats), phi (x L) and one chunk's activations (chunk x hidden, x L when separate),
+    instead of batch x heads x n x m x hidden activations.
+    """
+
+    def __init__(self, config: LunaConfig):
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_projections = config.kernel_num_projections
+        self.nonnegative = config.kernel_nonnegative
+        self.chunk_size = config.kernel_feature_chunk_size
+        channels, hidden = config.kernel_num_channels, config.kernel_mlp_hidden
+        hidden_rows = 1 if config.kernel_shared_channels else channels
+        self.projection_weight = nn.Parameter(torch.empty(self.num_projections, self.head_dim))
+        self.projection_bias = nn.Parameter(torch.empty(self.num_projections))
+        self.channel_hidden_weight = nn.Parameter(torch.empty(hidden_rows, hidden))  # alpha
+        self.channel_hidden_bias = nn.Parameter(torch.empty(hidden_rows, hidden))  # beta
+        self.channel_output_weight = nn.Parameter(torch.empty(channels, hidden))  # a
+        self.channel_output_bias = nn.Parameter(torch.empty(channels))  # c
+        # h(x) = exp(gamma ||x||^2), gamma learned from 0 (an inferred form: the paper names h but does not give it).
+        self.envelope_scale = nn.Parameter(torch.zeros(())) if config.kernel_envelope == "exp_sqnorm" else None
+
+    def forward(self, states: torch.Tensor, is_key: bool = False) -> torch.Tensor:
+        """phi of each row of `states` (..., d), in float32 (..., D). The envelope h is applied to keys only: it
+        cancels between the numerator and denominator of a query's row."""
+        states = states.float()
+        projected = nn.functional.linear(states, self.projection_weight.float(), self.projection_bias.float())
+        chunks = projected.reshape(-1).split(self.chunk_size)
+        if torch.is_grad_enabled() and not is_tracing(projected):
+            channels = [checkpoint(self.channel_functions, chunk, use_reentrant=False) for chunk in chunks]
+        else:
+            channels = [self.channel_functions(chunk) for chunk in chunks]
+        features = torch.cat(channels).reshape(*projected.shape[:-1], -1) * self.num_projections**-0.5
+        if is_key and self.envelope_scale is not None:
+            log_envelope = self.envelope_scale.float() * states.square().sum(dim=-1, keepdim=True)
+            features = features * log_envelope.clamp(-ENVELOPE_LOG_LIMIT, ENVELOPE_LOG_LIMIT).exp()
+        return features
+
+    def channel_functions(self, projected: torch.Tensor) -> torch.Tensor:
+        """psi_1..L of each scalar in `projected` (rows,), (rows, L)."""
+        hidden = torch.relu(projected[:, None, None] * self.channel_hidden_weight + self.channel_hidden_bias)
+        if hidden.shape[1] == 1:  # shared: one hidden layer feeds the L outputs
+            channels = hidden[:, 0] @ self.channel_output_weight.T + self.channel_output_bias
+        else:
+            channels = (hidden * self.channel_output_weight).sum(dim=-1) + self.channel_output_bias
+        return torch.relu(channels) if self.nonnegative else channels
+
+
+class LearnedKernelAttention(nn.Module):
+    """Bidirectional learned-kernel attention: a standard multi-head self-attention (query, key, value and output
+    projections of the usual shapes, so that a BERT or RoBERTa layer's weights fit) whose softmax is replaced by the
+    kernel kappa(q, k) = phi(q)^T phi(k) of `LearnedKernelFeatureMap` (paper eq. 9; no 1/sqrt(d) temperature, W
+    absorbs it). Per head, with mu_j = 1 for real tokens and 0 for padding:
+
+        S = sum_j mu_j phi(k_j) v_j^T     (D x d_v)        z = sum_j mu_j phi(k_j)     (D)
+        o_i = phi(q_i)^T S / max(phi(q_i)^T z, eps)
+
+    which equals o = A V with A_ij = mu_j kappa(q_i, k_j) / max(sum_l mu_l kappa(q_i, k_l), eps): with non-negative
+    features each row of A is a distribution over the real tokens. The sums and the division are in float32 (also
+    under autocast), the output is cast back to the input's dtype after the division. A query whose features are all
+    zero gets output 0, not NaN. There is no dropout on attention weights (they are never formed).
+
+    Memory per layer, beyond the projections: phi(Q) and phi(K), 2 x batch x heads x n x D float32, S and z
+    (batch x heads x D x (d_v + 1)), plus the feature map's (see `LearnedKernelFeatureMap`); linear in n. Only
+    `output_attentions=True` builds the n x n map A (for debugging).
+    """
+
+    def __init__(self, config: LunaConfig):
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.eps = config.kernel_eps
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.feature_map = LearnedKernelFeatureMap(config)
+
+    def split_heads(self, states: torch.Tensor) -> torch.Tensor:  # (batch, n, hidden) -> (batch, heads, n, dim)
+        return states.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def features(self, hidden_states, token_mask):
+        """phi(Q), phi(K) with the padded keys' features zeroed (float32), and V."""
+        query = self.split_heads(self.q_proj(hidden_states))
+        key = self.split_heads(self.k_proj(hidden_states))
+        value = self.split_heads(self.v_proj(hidden_states))
+        key_features = self.feature_map(key, is_key=True) * token_mask[:, None, :, None].float()
+        return self.feature_map(query), key_features, value
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor, output_attentions: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """X (batch, n, hidden) and token_mask (batch, n), 1 = real token. Returns the attention's output and, with
+        `output_attentions`, the explicit maps A (batch, heads, n, n)."""
+        query_features, key_features, value = self.features(hidden_states, token_mask)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            value_sums = key_features.mT @ value.float()  # S
+            normalizer_sums = key_features.sum(dim=-2, keepdim=True).mT  # z, (batch, heads, D, 1)
+            denominator = (query_features @ normalizer_sums).clamp(min=self.eps)
+            output = ((query_features @ value_sums) / denominator).to(value.dtype)
+            weights = None
+            if output_attentions:
+                scores = query_features @ key_features.mT
+                weights = (scores / scores.sum(dim=-1, keepdim=True).clamp(min=self.eps)).to(value.dtype)
+        return self.o_proj(output.transpose(1, 2).flatten(2)), weights
+
+
+class LearnedKernelCausalAttention(LearnedKernelAttention):
+    """Causal learned-kernel attention for `LunaForCausalLM` (the streaming form; the paper states it exists, the
+    recurrence is the standard linear-attention one):
+
+        S_t = S_{t-1} + mu_t phi(k_t) v_t^T,    z_t = z_{t-1} + mu_t phi(k_t)
+        o_t = phi(q_t)^T S_t / max(phi(q_t)^T z_t, eps)
+
+    Training and prefill run the chunked parallel form (`causal_product` on [V, 1], chunks of `causal_chunk_size`):
+    a masked c x c product within each chunk and the running sums across chunks, never a batch x heads x n x D x d_v
+    tensor. `generate()` keeps S (batch, heads, D, d_v) and z (batch, heads, D) in float32 in the cache: its size does
+    not grow with the context. Padding (left padding in batched generation) adds nothing to the sums.
+    """
+
+    def __init__(self, config: LunaConfig, layer_idx: int):
+        super().__init__(config)
+        self.layer_idx = layer_idx
+        self.chunk_size = config.causal_chunk_size
+        self.is_causal = True
+
+    def forward(self, hidden_states, packed_states, token_mask, token_count, slot_mask=None, cache=None):
+        """As `LunaCausalAttention.forward`, whose interface it shares: there is no P, so `packed_states` and
+        `slot_mask` are None. Returns the attention's output and None (no weights)."""
+        query_features, key_features, value = self.features(hidden_states, token_mask)
+        past = read_recurrent_states(cache, self.layer_idx, number_of_states=3)
+        state = None
+        if past is not None:  # S and z side by side: z is the sum of phi(k) times the value 1
+            state = torch.cat([past[KERNEL_VALUE_SUMS], past[KERNEL_NORMALIZER_SUMS].unsqueeze(-1)], dim=-1)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            values_and_ones = torch.cat([value.float(), value.new_ones(*value.shape[:-1], 1, dtype=torch.float32)], -1)
+            sums, state = causal_product(query_features, key_features, values_and_ones, None, state, self.chunk_size)
+            output = (sums[..., :-1] / sums[..., -1:].clamp(min=self.eps)).to(value.dtype)
+        if cache is not None:
+            states = (state[..., :-1], state[..., -1], token_count[:, -1])
+            write_recurrent_states(cache, self.layer_idx, states, consumed_length=hidden_states.shape[1])
+        return self.o_proj(output.transpose(1, 2).flatten(2)), None
+
+
+# The attention of a causal layer by `config.attention_type` (the encoder layer builds its own: `LunaLayer`).
+CAUSAL_ATTENTION_CLASSES = {"nested": LunaCausalAttention, "learned_kernel": LearnedKernelCausalAttention}

@@ -42,7 +42,7 @@ from .modeling_luna import (
     LunaModel,
     LunaPreTrainedModel,
 )
-from .modeling_luna_attention import TOKEN_COUNT, LunaCausalAttention
+from .modeling_luna_attention import CAUSAL_ATTENTION_CLASSES, TOKEN_COUNT
 
 
 class LunaCausalEmbeddings(nn.Module):
@@ -63,12 +63,15 @@ class LunaCausalEmbeddings(nn.Module):
 
 class LunaCausalLayer(GradientCheckpointingLayer):
     """A decoder-only Luna layer, post-LayerNorm as `LunaLayer`: causal attention over the layer's own learned P, then
-    the feed-forward. P is a parameter, so it holds no information about the tokens (paper §3.3, "sources of P")."""
+    the feed-forward. P is a parameter, so it holds no information about the tokens (paper §3.3, "sources of P").
+    With `attention_type="learned_kernel"` the attention is `LearnedKernelCausalAttention` and there is no P."""
 
     def __init__(self, config: LunaConfig, layer_idx: int):
         super().__init__()
-        self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
-        self.attention = LunaCausalAttention(config, layer_idx)
+        self.projected_embeddings = None
+        if config.attention_type == "nested":
+            self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
+        self.attention = CAUSAL_ATTENTION_CLASSES[config.attention_type](config, layer_idx)
         self.attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -94,7 +97,7 @@ class LunaDecoderPreTrainedModel(LunaPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, LunaCausalLayer):
+        if isinstance(module, LunaCausalLayer) and module.projected_embeddings is not None:
             # Unit scale, as the encoder's P after its LayerNorm.
             init.normal_(module.projected_embeddings, mean=0.0, std=1.0)
 
