@@ -279,10 +279,11 @@ class LearnedKernelFeatureMap(nn.Module):
         self.envelope_scale = nn.Parameter(torch.zeros(())) if config.kernel_envelope == "exp_sqnorm" else None
 
     def forward(self, states: torch.Tensor, is_key: bool = False) -> torch.Tensor:
-        """phi of each row of `states` (..., d), in float32 (..., D). The envelope h is applied to keys only: it
-        cancels between the numerator and denominator of a query's row."""
-        states = states.float()
-        projected = nn.functional.linear(states, self.projection_weight.float(), self.projection_bias.float())
+        """phi of each row of `states` (..., d), in float32 (float64 for float64 states) (..., D). The envelope h is
+        applied to keys only: it cancels between the numerator and denominator of a query's row."""
+        states = states.to(torch.promote_types(states.dtype, torch.float32))
+        weight, bias = self.projection_weight.to(states.dtype), self.projection_bias.to(states.dtype)
+        projected = nn.functional.linear(states, weight, bias)
         chunks = projected.reshape(-1).split(self.chunk_size)
         if torch.is_grad_enabled() and not is_tracing(projected):
             channels = [checkpoint(self.channel_functions, chunk, use_reentrant=False) for chunk in chunks]
@@ -290,17 +291,26 @@ class LearnedKernelFeatureMap(nn.Module):
             channels = [self.channel_functions(chunk) for chunk in chunks]
         features = torch.cat(channels).reshape(*projected.shape[:-1], -1) * self.num_projections**-0.5
         if is_key and self.envelope_scale is not None:
-            log_envelope = self.envelope_scale.float() * states.square().sum(dim=-1, keepdim=True)
+            log_envelope = self.envelope_scale.to(states.dtype) * states.square().sum(dim=-1, keepdim=True)
             features = features * log_envelope.clamp(-ENVELOPE_LOG_LIMIT, ENVELOPE_LOG_LIMIT).exp()
         return features
 
     def channel_functions(self, projected: torch.Tensor) -> torch.Tensor:
         """psi_1..L of each scalar in `projected` (rows,), (rows, L)."""
-        hidden = torch.relu(projected[:, None, None] * self.channel_hidden_weight + self.channel_hidden_bias)
+        hidden_weight, hidden_bias, output_weight, output_bias = (
+            parameter.to(projected.dtype)
+            for parameter in (
+                self.channel_hidden_weight,
+                self.channel_hidden_bias,
+                self.channel_output_weight,
+                self.channel_output_bias,
+            )
+        )
+        hidden = torch.relu(projected[:, None, None] * hidden_weight + hidden_bias)
         if hidden.shape[1] == 1:  # shared: one hidden layer feeds the L outputs
-            channels = hidden[:, 0] @ self.channel_output_weight.T + self.channel_output_bias
+            channels = hidden[:, 0] @ output_weight.T + output_bias
         else:
-            channels = (hidden * self.channel_output_weight).sum(dim=-1) + self.channel_output_bias
+            channels = (hidden * output_weight).sum(dim=-1) + output_bias
         return torch.relu(channels) if self.nonnegative else channels
 
 
@@ -342,7 +352,8 @@ class LearnedKernelAttention(nn.Module):
         query = self.split_heads(self.q_proj(hidden_states))
         key = self.split_heads(self.k_proj(hidden_states))
         value = self.split_heads(self.v_proj(hidden_states))
-        key_features = self.feature_map(key, is_key=True) * token_mask[:, None, :, None].float()
+        key_features = self.feature_map(key, is_key=True)
+        key_features = key_features * token_mask[:, None, :, None].to(key_features.dtype)
         return self.feature_map(query), key_features, value
 
     def forward(
@@ -352,7 +363,7 @@ class LearnedKernelAttention(nn.Module):
         `output_attentions`, the explicit maps A (batch, heads, n, n)."""
         query_features, key_features, value = self.features(hidden_states, token_mask)
         with torch.autocast(hidden_states.device.type, enabled=False):
-            value_sums = key_features.mT @ value.float()  # S
+            value_sums = key_features.mT @ value.to(key_features.dtype)  # S
             normalizer_sums = key_features.sum(dim=-2, keepdim=True).mT  # z, (batch, heads, D, 1)
             denominator = (query_features @ normalizer_sums).clamp(min=self.eps)
             output = ((query_features @ value_sums) / denominator).to(value.dtype)
@@ -391,7 +402,7 @@ class LearnedKernelCausalAttention(LearnedKernelAttention):
         if past is not None:  # S and z side by side: z is the sum of phi(k) times the value 1
             state = torch.cat([past[KERNEL_VALUE_SUMS], past[KERNEL_NORMALIZER_SUMS].unsqueeze(-1)], dim=-1)
         with torch.autocast(hidden_states.device.type, enabled=False):
-            values_and_ones = torch.cat([value.float(), value.new_ones(*value.shape[:-1], 1, dtype=torch.float32)], -1)
+            values_and_ones = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], dim=-1).to(key_features.dtype)
             sums, state = causal_product(query_features, key_features, values_and_ones, None, state, self.chunk_size)
             output = (sums[..., :-1] / sums[..., -1:].clamp(min=self.eps)).to(value.dtype)
         if cache is not None:
