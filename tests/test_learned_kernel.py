@@ -444,6 +444,16 @@ def test_a_tiny_model_learns_which_token_is_in_the_majority():
     assert accuracy > 0.9, accuracy
 
 
+def test_lra_runner_trains_a_learned_kernel_model_under_its_own_run_name(tmp_path):
+    from test_lra import train, write_easy_listops
+
+    entry = train(tmp_path, "listops", write_easy_listops(tmp_path / "easy"), "--model", "learned-kernel",
+                  "--max_steps", "60", "--eval_steps", "20")  # fmt: skip
+    assert entry["model"] == "learned-kernel" and entry["test_accuracy"] >= 0.8, entry  # chance: 1/3
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["attention_type"] == "learned_kernel"
+    assert CODE_FILES <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input
 
