@@ -416,6 +416,24 @@ def test_save_load_round_trip_and_remote_code_without_luna_hf(tmp_path):
     assert remote["generated"] == expected_generated.tolist()
 
 
+def test_torch_export_with_dynamic_batch_and_length_matches_eager():
+    torch.manual_seed(0)
+    model = LunaForSequenceClassification(kernel_config(num_labels=2)).eval()
+    example = dict(input_ids=random_ids(2, 10), attention_mask=torch.tensor([[1] * 10, [1] * 7 + [0] * 3]))
+    batch, length = torch.export.Dim("batch", min=1, max=16), torch.export.Dim("length", min=2, max=64)
+    program = torch.export.export(model, (), example, dynamic_shapes={name: {0: batch, 1: length} for name in example})
+    ids = random_ids(3, 17, seed=5)
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            program.module()(input_ids=ids, attention_mask=mask).logits,
+            model(ids, attention_mask=mask).logits,
+            atol=1e-6,
+            rtol=0,
+        )
+
+
 def test_a_tiny_model_learns_which_token_is_in_the_majority():
     """Sequence classification: which of two tokens fills most of 9 positions. A bag-of-tokens task that attention
     solves by averaging values; chance is 50%."""
