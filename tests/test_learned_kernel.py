@@ -416,6 +416,24 @@ def test_save_load_round_trip_and_remote_code_without_luna_hf(tmp_path):
     assert remote["generated"] == expected_generated.tolist()
 
 
+def test_pipelines_run_on_saved_learned_kernel_models(tmp_path):
+    from transformers import pipeline
+
+    tokenizer = hub_fixture.build_tokenizer()
+    kernel = dict(attention_type="learned_kernel", kernel_num_projections=4, kernel_num_channels=2)
+    hub_fixture.save_tiny_model(LunaForMaskedLM, tmp_path / "mlm", tokenizer, **kernel)
+    hub_fixture.save_tiny_model(LunaForSequenceClassification, tmp_path / "cls", tokenizer, num_labels=2, **kernel)
+    hub_fixture.save_tiny_model(LunaForCausalLM, tmp_path / "lm", tokenizer, is_decoder=True, **kernel)
+    filled = pipeline("fill-mask", model=str(tmp_path / "mlm"))(f"the movie was {tokenizer.mask_token}")
+    assert len(filled) == 5 and all(0 <= row["score"] <= 1 for row in filled)
+    features = pipeline("feature-extraction", model=str(tmp_path / "mlm"))("the movie was good")
+    assert len(features[0]) == len(tokenizer("the movie was good").input_ids)
+    label = pipeline("text-classification", model=str(tmp_path / "cls"))("a good film")[0]["label"]
+    assert label in ("LABEL_0", "LABEL_1")
+    generated = pipeline("text-generation", model=str(tmp_path / "lm"))("the movie", max_new_tokens=4, do_sample=False)
+    assert generated[0]["generated_text"].startswith("the movie")
+
+
 def test_torch_export_with_dynamic_batch_and_length_matches_eager():
     torch.manual_seed(0)
     model = LunaForSequenceClassification(kernel_config(num_labels=2)).eval()

@@ -126,7 +126,7 @@ class LunaDecoderModel(LunaDecoderPreTrainedModel):
         attention_mask (`torch.Tensor` of shape `(batch_size, cached + sequence_length)`, *optional*): 1 for real
             tokens, 0 for padding (left padding for batched generation); its last `sequence_length` columns are used.
         cache (`Cache`, *optional*): `DynamicCache(config=model.config)`, holding per layer the running sums, the
-            token count and the pack queries; its size does not grow with the context.
+            token count and (nested attention) the pack queries; its size does not grow with the context.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
