@@ -71,7 +71,6 @@ def attention_module(cls, seed=0, **overrides):
 # at a time, h applied to queries and keys alike (the model applies it to keys only: it cancels on queries).
 
 
-@torch.no_grad()
 def reference_features(feature_map, x: torch.Tensor) -> torch.Tensor:
     """phi(x) for x (n, d): phi(x)_{i*L + l} = h(x)/sqrt(m) psi_l(w_i^T x + b_i)."""
     weight, bias = feature_map.projection_weight.double(), feature_map.projection_bias.double()
@@ -105,6 +104,7 @@ def reference_heads(attention, hidden_states):
     return q, k, v
 
 
+@torch.no_grad()
 def reference_quadratic_attention(attention, hidden_states, token_mask, causal=False, eps=1e-6):
     """o = A V with A_ij = mu_j kappa(q_i, k_j) / max(sum_l mu_l kappa(q_i, k_l), eps), then o_proj."""
     q, k, v = reference_heads(attention, hidden_states)
@@ -124,6 +124,7 @@ def reference_quadratic_attention(attention, hidden_states, token_mask, causal=F
         return attention.o_proj(output.transpose(1, 2).flatten(2))
 
 
+@torch.no_grad()
 def reference_recurrence(attention, hidden_states, token_mask, eps=1e-6):
     """The streaming form token by token: S_t = S_{t-1} + mu_t phi(k_t) v_t^T, z_t = z_{t-1} + mu_t phi(k_t)."""
     q, k, v = reference_heads(attention, hidden_states)
@@ -160,7 +161,7 @@ def test_kernel_is_the_reference_feature_inner_product_and_its_gram_matrix_is_ps
         features = attention.feature_map(x, is_key=True)
     expected = reference_features(attention.feature_map, x)
     torch.testing.assert_close(features, expected, atol=1e-12, rtol=1e-12)
-    gram = expected @ expected.T
+    gram = expected.detach() @ expected.detach().T
     torch.testing.assert_close(gram, gram.T, atol=1e-14, rtol=0)
     assert torch.linalg.eigvalsh(gram).min() >= -1e-10 * gram.trace()
     if nonnegative:
@@ -169,6 +170,21 @@ def test_kernel_is_the_reference_feature_inner_product_and_its_gram_matrix_is_ps
     m, channels, hidden, d = 5, 3, 7, attention.head_dim
     count = sum(p.numel() for p in attention.feature_map.parameters()) - (envelope == "exp_sqnorm")
     assert count == m * (d + 1) + (2 * hidden + channels * (hidden + 1) if shared else channels * (3 * hidden + 1))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_feature_map_gradients_are_the_reference_mlps_gradients(shared, nonnegative):
+    attention = attention_module(LearnedKernelAttention, kernel_shared_channels=shared, kernel_nonnegative=nonnegative)
+    feature_map = attention.feature_map
+    x = torch.randn(60, attention.head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x.requires_grad_(True)
+    probe = torch.randn(60, 15, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    inputs = [x, *feature_map.parameters()]
+    got = torch.autograd.grad((feature_map(x) * probe).sum(), inputs)
+    expected = torch.autograd.grad((reference_features(feature_map, x) * probe).sum(), inputs)
+    for name, a, b in zip(["x"] + [n for n, _ in feature_map.named_parameters()], got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("shared", [True, False])

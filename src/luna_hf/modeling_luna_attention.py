@@ -306,10 +306,13 @@ class LearnedKernelFeatureMap(nn.Module):
                 self.channel_output_bias,
             )
         )
-        hidden = torch.relu(projected[:, None, None] * hidden_weight + hidden_bias)
-        if hidden.shape[1] == 1:  # shared: one hidden layer feeds the L outputs
-            channels = hidden[:, 0] @ output_weight.T + output_bias
+        # Fused multiply-adds (one pass over the rows x hidden activations each, ReLU in place): psi is elementwise
+        # work on the layer's largest tensor and dominates the attention's cost.
+        if hidden_weight.shape[0] == 1:  # shared: one hidden layer feeds the L outputs
+            hidden = torch.addmm(hidden_bias, projected[:, None], hidden_weight).relu_()
+            channels = torch.addmm(output_bias, hidden, output_weight.T)
         else:
+            hidden = torch.addcmul(hidden_bias, projected[:, None, None], hidden_weight).relu_()
             channels = (hidden * output_weight).sum(dim=-1) + output_bias
         return torch.relu(channels) if self.nonnegative else channels
 
