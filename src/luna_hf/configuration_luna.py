@@ -83,8 +83,6 @@ class LunaConfig(PreTrainedConfig):
             initialised to 0: an inferred form, the paper does not give h). It cancels on queries, so it is applied
             to keys only.
         kernel_eps (`float`, defaults to 1e-6): the denominator's floor, in float32.
-        kernel_feature_chunk_size (`int`, defaults to 262144): psi is evaluated in float32 on at most this many
-            scalar inputs at a time (activations: this times `kernel_mlp_hidden` floats, times L when separate).
 
     Fields of the causal (decoder-only) Luna of paper §3.3, `LunaForCausalLM`:
         is_decoder (`bool`, defaults to `False`): build the causal model: every layer attends over its own learned P
@@ -141,7 +139,6 @@ class LunaConfig(PreTrainedConfig):
     kernel_nonnegative: bool = True
     kernel_envelope: str = "none"
     kernel_eps: float = 1e-6
-    kernel_feature_chunk_size: int = 262144
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -160,7 +157,6 @@ class LunaConfig(PreTrainedConfig):
             "kernel_num_projections",
             "kernel_num_channels",
             "kernel_mlp_hidden",
-            "kernel_feature_chunk_size",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"LunaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
