@@ -313,7 +313,8 @@ class LearnedKernelFeatureMap(nn.Module):
         # rises (alpha > 0), if its kink is on the right and it falls (alpha < 0), or if it is flat and positive.
         interval = torch.arange(alpha.shape[-1] + 1, device=alpha.device)[None, :, None]  # (1, hidden + 1, 1)
         alpha_, beta_ = alpha[:, None, :], beta[:, None, :]
-        active = torch.where(alpha_ > 0, rank < interval, torch.where(alpha_ < 0, rank >= interval, beta_ > 0))
+        rising, falling, flat = alpha_ > 0, alpha_ < 0, alpha_ == 0
+        active = (rising & (rank < interval)) | (falling & (rank >= interval)) | (flat & (beta_ > 0))
         active = active.to(alpha.dtype)  # (G, hidden + 1, hidden)
         slopes = (active * alpha_ * a[:, None, :]).sum(dim=-1)  # (L, hidden + 1)
         intercepts = (active * beta_ * a[:, None, :]).sum(dim=-1) + c[:, None]
