@@ -506,6 +506,26 @@ def test_lra_runner_trains_a_learned_kernel_model_under_its_own_run_name(tmp_pat
     assert CODE_FILES <= {p.name for p in (tmp_path / "run").iterdir()}
 
 
+def test_a_tiny_causal_model_learns_to_continue_a_repetitive_text():
+    pattern = torch.tensor([5, 9, 12, 7, 30, 22, 14, 3, 18, 25, 11])  # period 11
+    text = pattern.repeat(20)
+    model = causal_model(seed=3).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(text) - 33, (8,), generator=generator)
+        batch = torch.stack([text[s : s + 33] for s in starts.tolist()])
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+    model.eval()
+    prompt = text[4:14][None]  # 10 tokens, starting mid-period
+    continuation = model.generate(prompt, max_new_tokens=25, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(continuation[0, 10:], text[14:39])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input
 
