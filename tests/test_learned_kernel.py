@@ -338,7 +338,7 @@ def test_cached_decoding_reproduces_the_full_forward_with_a_constant_size_float3
     assert cache.get_seq_length() == 15
 
 
-def test_generate_with_the_cache_matches_greedy_decoding_without_it():
+def test_generate_with_the_cache_matches_decoding_without_it_greedy_and_beam_search():
     model = causal_model(seed=1)
     prompt = random_ids(2, 5)
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
@@ -348,6 +348,8 @@ def test_generate_with_the_cache_matches_greedy_decoding_without_it():
             next_token = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_token], dim=1)
     assert torch.equal(generated, ids)
+    beams = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, use_cache=False, **beams))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

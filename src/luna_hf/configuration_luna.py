@@ -39,12 +39,11 @@ class LunaConfig(PreTrainedConfig):
         activation_dropout (`float`, defaults to 0.0): dropout after the feed-forward activation.
         classifier_pooling (`str`, defaults to `"cls"`): sentence representation used by `pooler_output` and the
             sequence-level heads: `"cls"` (the first real token), `"mean"` (the mean of the real tokens' final
-            states), `"packed_mean"` (mean of the final packed
-            sequence P over the row's valid slots, the paper's Table 3 "P" pooling), or the authors' two learned P
-            poolings (parameters in the sequence heads' `classifier.pooler`): `"packed_max"` (a linear map of P,
-            then the maximum over the valid slots; their `pooling_classification_head`) and `"packed_attention"`
-            (the first real token attends over the valid slots of P, then LayerNorm; their
-            `attention_classification_head`).
+            states), `"packed_mean"` (mean of the final packed sequence P over the row's valid slots, the paper's
+            Table 3 "P" pooling), or the authors' two learned P poolings (parameters in the sequence heads'
+            `classifier.pooler`): `"packed_max"` (a linear map of P, then the maximum over the valid slots; their
+            `pooling_classification_head`) and `"packed_attention"` (the first real token attends over the valid
+            slots of P, then LayerNorm; their `attention_classification_head`).
         classifier_dropout (`float`, *optional*): dropout of the classification heads; `None` uses
             `hidden_dropout_prob`.
         sparse_prediction (`bool`, defaults to `False`): with `labels`, `LunaForMaskedLM` runs its head only on the
@@ -73,7 +72,7 @@ class LunaConfig(PreTrainedConfig):
             D = m * L features.
         kernel_mlp_hidden (`int`, defaults to 64): the width of the one-hidden-layer scalar MLPs psi (ReLU).
         kernel_shared_channels (`bool`, defaults to `True`): one 1 -> hidden -> L MLP for the L channels; `False`
-            gives L separate 1 -> hidden -> 1 MLPs (the authors' listing default; L times the activations).
+            gives L separate 1 -> hidden -> 1 MLPs (the authors' listing default).
         kernel_nonnegative (`bool`, defaults to `True`): a ReLU on psi's output, so that phi >= 0, every attention
             weight is >= 0 and the denominator is a sum of non-negative terms. `False` is an explicit opt-in to signed
             features: the denominator phi(q)^T sum_j phi(k_j) can then cross zero (it is clamped at `kernel_eps`),
@@ -196,6 +195,7 @@ class LunaConfig(PreTrainedConfig):
             )
 
     def validate_attention_type(self):
+        """The attention switch, the learned-kernel feature map's fields, and no P pooling without P."""
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(
                 f"LunaConfig.attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}: "
@@ -235,11 +235,6 @@ class LunaConfig(PreTrainedConfig):
         """Tensors per cache layer (transformers' name): the key sums, value sums, token count and pack queries of
         `LunaCausalAttention`; the value sums, normaliser sums and token count of `LearnedKernelCausalAttention`."""
         return 4 if self.attention_type == "nested" else 3
-
-    @property
-    def kernel_num_features(self) -> int:
-        """D = m * L, the length of the learned-kernel feature vector phi(x)."""
-        return self.kernel_num_projections * self.kernel_num_channels
 
 
 __all__ = ["LunaConfig"]
