@@ -506,6 +506,8 @@ def test_lra_runner_trains_a_learned_kernel_model_under_its_own_run_name(tmp_pat
     assert entry["model"] == "learned-kernel" and entry["test_accuracy"] >= 0.8, entry  # chance: 1/3
     assert json.loads((tmp_path / "run" / "config.json").read_text())["attention_type"] == "learned_kernel"
     assert CODE_FILES <= {p.name for p in (tmp_path / "run").iterdir()}
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "Linear Universal Neural Attention" in card and "slots packs" not in card
 
 
 def test_a_tiny_causal_model_learns_to_continue_a_repetitive_text():
