@@ -195,6 +195,6 @@ VARIANT_TESTS = (
 )
 for _variant in (LunaUntiedFixedProjectionModelTest, LunaLearnedKernelModelTest):
     for _name in dir(_variant):
-        test = getattr(LunaModelTest, _name)
-        if _name.startswith("test_") and not _name.startswith(VARIANT_TESTS) and callable(test):
+        _test = getattr(LunaModelTest, _name)
+        if _name.startswith("test_") and not _name.startswith(VARIANT_TESTS) and callable(_test):
             setattr(_variant, _name, None)
