@@ -378,15 +378,18 @@ def test_every_head_trains_with_either_pooling(head, pooling):
     assert all(p.grad is not None for name, p in model.named_parameters() if "feature_map" in name)
 
 
-def test_mean_pooling_averages_the_real_tokens():
+@pytest.mark.parametrize("attention_type", ["learned_kernel", "nested"])
+def test_mean_pooling_averages_the_real_tokens(attention_type):
     torch.manual_seed(0)
-    model = LunaModel(kernel_config(classifier_pooling="mean")).eval()
+    model = LunaModel(kernel_config(classifier_pooling="mean", attention_type=attention_type)).eval()
     ids = random_ids(2, 6)
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     with torch.no_grad():
         outputs = model(ids, attention_mask=mask)
     torch.testing.assert_close(outputs.pooler_output[1], outputs.last_hidden_state[1, :4].mean(0))
-    assert outputs.packed_hidden_state is None and outputs.packed_attention_mask is None
+    torch.testing.assert_close(outputs.pooler_output[0], outputs.last_hidden_state[0].mean(0))
+    no_p = attention_type == "learned_kernel"
+    assert (outputs.packed_hidden_state is None) == no_p and (outputs.packed_attention_mask is None) == no_p
 
 
 def test_save_load_round_trip_and_remote_code_without_luna_hf(tmp_path):
