@@ -188,6 +188,33 @@ def test_feature_map_gradients_are_the_reference_mlps_gradients(shared, nonnegat
 
 
 @pytest.mark.parametrize("shared", [True, False])
+def test_feature_map_handles_flat_ramps_coinciding_kinks_and_an_input_on_a_kink(shared):
+    """psi is evaluated through its linear pieces between the kinks -beta/alpha of its ReLU ramps: the edge cases of
+    that evaluation against the plain MLP."""
+    attention = attention_module(LearnedKernelAttention, kernel_shared_channels=shared)
+    feature_map = attention.feature_map
+    with torch.no_grad():
+        feature_map.channel_hidden_weight[:, :2] = 0.0  # flat ramps: one on (beta > 0), one off (beta < 0)
+        feature_map.channel_hidden_bias[:, 0], feature_map.channel_hidden_bias[:, 1] = 0.5, -0.5
+        feature_map.channel_hidden_weight[:, 2:4] = torch.tensor([1.0, -2.0])  # rising and falling, same kink 0.25
+        feature_map.channel_hidden_bias[:, 2:4] = torch.tensor([-0.25, 0.5])
+        feature_map.projection_bias[0] = 0.25  # with x = 0, u_0 lies exactly on that kink
+    x = torch.randn(30, attention.head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    on_kink = torch.zeros(1, attention.head_dim, dtype=torch.float64)
+    # Values match on a kink too; its derivative is one-sided there (the left piece's), where autograd's MLP takes
+    # ReLU'(0) = 0, so gradients are compared off the kinks.
+    torch.testing.assert_close(feature_map(on_kink), reference_features(feature_map, on_kink), atol=1e-12, rtol=0)
+    x.requires_grad_(True)
+    probe = torch.randn(30, 15, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    inputs = [x, *feature_map.parameters()]
+    torch.testing.assert_close(feature_map(x), reference_features(feature_map, x), atol=1e-12, rtol=1e-12)
+    got = torch.autograd.grad((feature_map(x) * probe).sum(), inputs)
+    expected = torch.autograd.grad((reference_features(feature_map, x) * probe).sum(), inputs)
+    for name, a, b in zip(["x"] + [n for n, _ in feature_map.named_parameters()], got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("envelope", ["none", "exp_sqnorm"])
 def test_linear_form_equals_the_explicit_normalised_quadratic_form(shared, envelope):
     attention = attention_module(LearnedKernelAttention, kernel_shared_channels=shared, kernel_envelope=envelope)

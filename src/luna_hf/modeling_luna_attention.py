@@ -257,7 +257,8 @@ class LearnedKernelFeatureMap(nn.Module):
     ramps a_lh ReLU(alpha_h u + beta_h), so it is linear between the ramps' kinks u = -beta_h / alpha_h. Per call, the
     slope and intercept of every psi_l on each of the hidden + 1 intervals between the sorted kinks form a small table
     (from the parameters, differentiable), and each scalar u takes its interval's line: a binary search among the
-    kinks, then L multiply-adds. The values and the gradients are the MLP's (tested against it); memory per call is
+    kinks, then L multiply-adds. The values and the gradients are the MLP's (tested against it; exactly on a kink the
+    derivative is the left piece's, where autograd's MLP takes ReLU'(0) = 0); memory per call is
     u and phi (batch x heads x n x m x L floats) plus the interval indices, instead of the MLP's
     batch x heads x n x m x hidden activations (x L when separate), about 0.8 GB per call in float32 at BERT-base size
     (batch 32, n 512, 12 heads, m = 16, hidden 64).
