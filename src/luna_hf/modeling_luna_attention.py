@@ -394,9 +394,10 @@ class LearnedKernelCausalAttention(LearnedKernelAttention):
         o_t = phi(q_t)^T S_t / max(phi(q_t)^T z_t, eps)
 
     Training and prefill run the chunked parallel form (`causal_product` on [V, 1], chunks of `causal_chunk_size`):
-    a masked c x c product within each chunk and the running sums across chunks, never a batch x heads x n x D x d_v
-    tensor. `generate()` keeps S (batch, heads, D, d_v) and z (batch, heads, D) in float32 in the cache: its size does
-    not grow with the context. Padding (left padding in batched generation) adds nothing to the sums.
+    a masked c x c product within each chunk and the running sums across chunks (one D x (d_v + 1) state per chunk),
+    never a batch x heads x n x D x d_v tensor. `generate()` keeps S (batch, heads, D, d_v) and z (batch, heads, D)
+    in float32 in the cache: its size does not grow with the context. Padding (left padding in batched generation)
+    adds nothing to the sums.
     """
 
     def __init__(self, config: LunaConfig, layer_idx: int):
