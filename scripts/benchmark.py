@@ -66,6 +66,8 @@ MODELS = {
        for length in (16, 128, 256) for suffix, attn in (("", "sdpa"), ("-eager", "eager"))},
     # luna-16 recomputing each layer's activations in the backward pass: memory for time (not part of the targets).
     "luna-16-checkpointing": ("luna", dict(gradient_checkpointing=True)),
+    # The learned-kernel linear attention (Shahbazi et al., 2025) in the same Luna model: no P, default feature map.
+    "learned-kernel": ("luna", dict(attention_type="learned_kernel")),
     "roberta-sdpa": ("roberta", dict(attn_implementation="sdpa")),
     "roberta-sdpa-nodrop": ("roberta", dict(attn_implementation="sdpa", attention_probs_dropout_prob=0.0)),
     "roberta-eager": ("roberta", dict(attn_implementation="eager")),

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import transformers
@@ -51,6 +52,9 @@ class GenerationBenchmarkArguments:
     vocab_size: int = field(default=512, metadata={"help": "Byte-level vocabulary."})
     projected_length: int = field(default=16, metadata={"help": "Luna's l."})
     causal_chunk_size: int = field(default=64, metadata={"help": "Luna's chunk length c for training and prefill."})
+    attention_type: Literal["nested", "learned_kernel"] = field(
+        default="nested", metadata={"help": "The Luna model's attention: nested (Ma et al.) or learned_kernel."}
+    )
     threads: int = field(default=1, metadata={"help": "torch threads per configuration."})
     fresh_process: bool = field(default=True, metadata={"help": "Run each model (and training length) in its own "
                                                            "process."})
@@ -66,6 +70,7 @@ def build_model(args: GenerationBenchmarkArguments, name: str, max_length: int):
             num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
             intermediate_size=args.intermediate_size, projected_length=args.projected_length,
             causal_chunk_size=args.causal_chunk_size, max_position_embeddings=max_length + 2,
+            attention_type=args.attention_type,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
         return LunaForCausalLM(config)
@@ -165,8 +170,9 @@ def report(args, command, decoding, training, load_before) -> str:
         "",
         f"Models: {args.num_hidden_layers} layers, width {args.hidden_size}, {args.num_attention_heads} heads, FFN "
         f"{args.intermediate_size}, vocabulary {args.vocab_size}, learned positions for {max_length} tokens, no "
-        f"dropout, float32. Luna ({parameters['luna'] / 1e6:.2f}M parameters): l = {args.projected_length}, softplus "
-        f"(β = ln 2), tied K/V, chunk c = {args.causal_chunk_size}. GPT-2 ({parameters['gpt2'] / 1e6:.2f}M "
+        f"dropout, float32. Luna ({parameters['luna'] / 1e6:.2f}M parameters, attention_type "
+        f"{args.attention_type}): l = {args.projected_length}, softplus (β = ln 2), tied K/V (nested attention only), "
+        f"chunk c = {args.causal_chunk_size}. GPT-2 ({parameters['gpt2'] / 1e6:.2f}M "
         "parameters): `GPT2LMHeadModel`, SDPA attention, `DynamicCache`.",
         "",
         f"## Per-token generation latency: median of {args.rounds} x {args.new_tokens} greedy steps per context",

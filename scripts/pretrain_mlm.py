@@ -112,6 +112,10 @@ class Arguments:
             "paper and of the authors' checkpoints."
         },
     )
+    attention_type: Literal["nested", "learned_kernel"] | None = field(
+        default=None,
+        metadata={"help": "Luna from scratch: LunaConfig.attention_type (default: the preset's or config's, nested)."},
+    )
     # Optimisation (defaults: the paper's Table 8)
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -248,6 +252,8 @@ def build_model(args: Arguments, tokenizer):
             )
         if config.model_type == "luna" and (args.normalize_before is not None or not args.config_name):
             config.normalize_before = args.normalize_before is not False  # a preset: pre-LN unless told otherwise
+        if config.model_type == "luna" and args.attention_type is not None:
+            config.attention_type = args.attention_type
         config.update(
             dict(
                 vocab_size=len(tokenizer),

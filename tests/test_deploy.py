@@ -137,6 +137,14 @@ def test_export_script_round_trip_through_onnxruntime(folders, folder, task, out
             np.testing.assert_allclose(actual[name], expected[name].numpy(), atol=1e-4, rtol=0)
 
 
+def test_export_script_exports_the_learned_kernel_attention(tmp_path, capsys):
+    hub_fixture.save_tiny_model(LunaForSequenceClassification, tmp_path / "classifier", num_labels=2,
+                                attention_type="learned_kernel", kernel_shared_channels=False)
+    folder, output_dir = str(tmp_path / "classifier"), str(tmp_path / "onnx")
+    worst = export_onnx.main(["--model_name_or_path", folder, "--output_dir", output_dir])
+    assert worst <= 1e-4 and "largest difference from PyTorch" in capsys.readouterr().out
+
+
 def test_export_script_bad_input(folders, tmp_path):
     root, _ = folders
     from transformers import RobertaConfig

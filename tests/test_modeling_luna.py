@@ -376,7 +376,8 @@ def test_save_load_round_trip_is_exact_and_folder_carries_remote_code(tmp_path):
     model = LunaForMaskedLM(tiny_config()).eval()
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "model.safetensors", "configuration_luna.py", "modeling_luna.py"} <= files
+    code = {"configuration_luna.py", "modeling_luna.py", "modeling_luna_attention.py", "modeling_luna_causal.py"}
+    assert {"config.json", "model.safetensors", *code} <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     for auto_class in (
         "AutoConfig",

@@ -13,7 +13,7 @@ from luna_causal_reference import authors_causal_attention
 from transformers import AutoModelForCausalLM, DynamicCache, pipeline
 
 from luna_hf import LunaConfig, LunaForCausalLM
-from luna_hf.modeling_luna import LunaCausalAttention
+from luna_hf.modeling_luna_attention import LunaCausalAttention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hub_fixture  # noqa: E402

@@ -149,8 +149,31 @@ class LunaUntiedFixedProjectionModelTest(LunaModelTest):
         self.model_tester = LunaUntiedFixedProjectionModelTester(self)
 
 
+class LunaLearnedKernelModelTester(LunaModelTester):
+    """attention_type="learned_kernel": no P; the attentions are the n x n maps of the linear attention."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.key_length = self.seq_length
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dict(attention_type="learned_kernel", kernel_num_projections=4, kernel_num_channels=2))
+        config.validate_luna_fields()
+        return config
+
+
+class LunaLearnedKernelModelTest(LunaModelTest):
+    test_all_params_have_gradient = True  # no P: every parameter of every head gets a gradient
+    test_only_the_unused_branch_of_the_last_layer_gets_no_gradient = None
+
+    def setUp(self):
+        super().setUp()
+        self.model_tester = LunaLearnedKernelModelTester(self)
+
+
 # The full suite runs on the defaults above; the options change only what these tests check (weights, tying, init,
-# attention shapes, masks, training). The others are not collected for the variant, to keep the runtime short.
+# attention shapes, masks, training). The others are not collected for the variants, to keep the runtime short.
 VARIANT_TESTS = (
     "test_attention_outputs",
     "test_batching_equivalence",
@@ -170,6 +193,8 @@ VARIANT_TESTS = (
     "test_tied_weights_keys",
     "test_training",
 )
-for _name in dir(LunaUntiedFixedProjectionModelTest):
-    if _name.startswith("test_") and not _name.startswith(VARIANT_TESTS) and callable(getattr(LunaModelTest, _name)):
-        setattr(LunaUntiedFixedProjectionModelTest, _name, None)
+for _variant in (LunaUntiedFixedProjectionModelTest, LunaLearnedKernelModelTest):
+    for _name in dir(_variant):
+        _test = getattr(LunaModelTest, _name)
+        if _name.startswith("test_") and not _name.startswith(VARIANT_TESTS) and callable(_test):
+            setattr(_variant, _name, None)

@@ -126,7 +126,8 @@ CONFIGS = {"paper": PAPER, "cpu": CPU, "small": SMALL}
 class LRAArguments:
     task: Literal["listops", "text", "retrieval", "image", "pathfinder"] = field(metadata={"help": "The LRA task."})
     data_dir: str = field(metadata={"help": "Folder written by scripts/lra/listops.py, build_data.py, pathfinder.py."})
-    model: Literal["luna", "transformer"] = field(default="luna", metadata={"help": "Luna, or RoBERTa (SDPA)."})
+    model: Literal["luna", "transformer", "learned-kernel"] = field(default="luna", metadata={
+        "help": "Luna, RoBERTa (SDPA), or the learned-kernel linear attention (Luna's model, attention_type)."})
     config: Literal["paper", "cpu", "small"] = field(
         default="cpu", metadata={"help": "The paper's recipe, the CPU one, or the Skyformer harness's small one."})
     projected_length: int = field(default=16, metadata={"help": "Luna's l (paper: 16, 128, 256)."})
@@ -154,7 +155,7 @@ class LRAArguments:
     def __post_init__(self):
         if self.projected_length < 1:
             raise ValueError(f"--projected_length must be positive, got {self.projected_length}.")
-        if self.model == "transformer" and self.classifier_pooling != "cls":
+        if self.model != "luna" and self.classifier_pooling != "cls":
             raise ValueError("--classifier_pooling packed_mean needs Luna's packed sequence: use --model luna.")
         name = f"{self.task}-{self.run_name}-{self.config}-s{self.seed}"
         self.output_dir = self.output_dir or str(Path("outputs/lra") / name)
@@ -171,8 +172,8 @@ class LRAArguments:
 
     @property
     def run_name(self) -> str:
-        if self.model == "transformer":
-            return "transformer"
+        if self.model in ("transformer", "learned-kernel"):
+            return self.model
         return f"luna{self.projected_length}" + ("-pmean" if self.classifier_pooling == "packed_mean" else "")
 
     def task_config(self) -> TaskConfig:
@@ -372,17 +373,18 @@ def build_model(args: LRAArguments, task: TaskConfig, vocab_size: int, num_label
         max_position_embeddings=task.max_length + 1 + PAD_ID + 1, pad_token_id=PAD_ID, bos_token_id=CLS_ID,
         eos_token_id=EOS_ID, layer_norm_eps=1e-5, num_labels=num_labels,
     )
-    if args.model == "luna":
+    if args.model != "transformer":
         # LRA Luna is untied (the authors' LRA encoder has no tied option).
         config = LunaConfig(**common, projected_length=args.projected_length, tie_key_value=False,
-                            classifier_pooling=args.classifier_pooling)
+                            classifier_pooling=args.classifier_pooling,
+                            attention_type="learned_kernel" if args.model == "learned-kernel" else "nested")
         single = LunaForSequenceClassification
     else:
         config = RobertaConfig(**common, attn_implementation="sdpa")
         single = MeanPooledRobertaClassifier if args.mean_pooled_transformer else RobertaForSequenceClassification
     if args.task != "retrieval":
         return single(config)
-    encoder = AutoModel.from_config(config, **({} if args.model == "luna" else {"add_pooling_layer": False}))
+    encoder = AutoModel.from_config(config, **({} if args.model != "transformer" else {"add_pooling_layer": False}))
     return PairClassifier(encoder, num_labels, mean_pool=args.mean_pooled_transformer)
 
 

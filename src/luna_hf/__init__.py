@@ -1,7 +1,8 @@
 """luna-hf: Luna (Linear Unified Nested Attention, Ma et al. 2021) for Hugging Face transformers.
 
 Importing the package registers Luna with the Auto classes, and marks every class for remote code so that saved
-folders carry `configuration_luna.py`, `modeling_luna.py` and a complete `auto_map`.
+folders carry the model's code (`configuration_luna.py`, `modeling_luna.py`, `modeling_luna_attention.py`,
+`modeling_luna_causal.py`) and a complete `auto_map`.
 """
 
 from transformers import (
@@ -17,8 +18,6 @@ from transformers import (
 
 from .configuration_luna import LunaConfig
 from .modeling_luna import (
-    LunaDecoderModel,
-    LunaForCausalLM,
     LunaForMaskedLM,
     LunaForMultipleChoice,
     LunaForQuestionAnswering,
@@ -28,6 +27,7 @@ from .modeling_luna import (
     LunaModelOutput,
     LunaPreTrainedModel,
 )
+from .modeling_luna_causal import LunaDecoderModel, LunaForCausalLM
 
 __version__ = "0.1.0"
 

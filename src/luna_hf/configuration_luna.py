@@ -16,8 +16,11 @@
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
-CLASSIFIER_POOLINGS = ("cls", "packed_mean", "packed_max", "packed_attention")
+CLASSIFIER_POOLINGS = ("cls", "mean", "packed_mean", "packed_max", "packed_attention")
+PACKED_POOLINGS = ("packed_mean", "packed_max", "packed_attention")  # read the packed sequence P
 CAUSAL_ACTIVATIONS = ("softplus", "elu")
+ATTENTION_TYPES = ("nested", "learned_kernel")
+KERNEL_ENVELOPES = ("none", "exp_sqnorm")
 
 
 class LunaConfig(PreTrainedConfig):
@@ -35,12 +38,12 @@ class LunaConfig(PreTrainedConfig):
             `--fix-projection-length`: every row uses all l slots).
         activation_dropout (`float`, defaults to 0.0): dropout after the feed-forward activation.
         classifier_pooling (`str`, defaults to `"cls"`): sentence representation used by `pooler_output` and the
-            sequence-level heads: `"cls"` (the first real token), `"packed_mean"` (mean of the final packed
-            sequence P over the row's valid slots, the paper's Table 3 "P" pooling), or the authors' two learned P
-            poolings (parameters in the sequence heads' `classifier.pooler`): `"packed_max"` (a linear map of P,
-            then the maximum over the valid slots; their `pooling_classification_head`) and `"packed_attention"`
-            (the first real token attends over the valid slots of P, then LayerNorm; their
-            `attention_classification_head`).
+            sequence-level heads: `"cls"` (the first real token), `"mean"` (the mean of the real tokens' final
+            states), `"packed_mean"` (mean of the final packed sequence P over the row's valid slots, the paper's
+            Table 3 "P" pooling), or the authors' two learned P poolings (parameters in the sequence heads'
+            `classifier.pooler`): `"packed_max"` (a linear map of P, then the maximum over the valid slots; their
+            `pooling_classification_head`) and `"packed_attention"` (the first real token attends over the valid
+            slots of P, then LayerNorm; their `attention_classification_head`).
         classifier_dropout (`float`, *optional*): dropout of the classification heads; `None` uses
             `hidden_dropout_prob`.
         sparse_prediction (`bool`, defaults to `False`): with `labels`, `LunaForMaskedLM` runs its head only on the
@@ -56,6 +59,30 @@ class LunaConfig(PreTrainedConfig):
             Unlike the authors' code (which then drops them), the embeddings keep their LayerNorms. Pre-LN trains
             at learning rates where the post-LN small Luna collapses (docs/pretraining.md).
 
+    Attention (docs/learned-kernel.md):
+        attention_type (`str`, defaults to `"nested"`): `"nested"` is Luna's pack/unpack attention over P (Ma et al.,
+            2021), everything above. `"learned_kernel"` is the unrelated "LUNA: Linear Universal Neural Attention"
+            (Shahbazi et al., 2025): each layer is a standard Transformer layer whose softmax is replaced by a
+            linear attention phi(Q)(phi(K)^T V) / phi(Q)(phi(K)^T 1) with a learned feature map phi. There is no P:
+            `projected_length`, `tie_key_value` and `dynamic_projection` are unused, the P poolings and the packed
+            outputs are refused, and the layers' attention has separate query, key, value and output projections.
+        kernel_num_projections (`int`, defaults to 16): m, the learned projections u_i(x) = w_i^T x + b_i of a
+            head's query or key.
+        kernel_num_channels (`int`, defaults to 4): L, the scalar functions psi_l applied to every projection; phi has
+            D = m * L features.
+        kernel_mlp_hidden (`int`, defaults to 64): the width of the one-hidden-layer scalar MLPs psi (ReLU).
+        kernel_shared_channels (`bool`, defaults to `True`): one 1 -> hidden -> L MLP for the L channels; `False`
+            gives L separate 1 -> hidden -> 1 MLPs (the authors' listing default).
+        kernel_nonnegative (`bool`, defaults to `True`): a ReLU on psi's output, so that phi >= 0, every attention
+            weight is >= 0 and the denominator is a sum of non-negative terms. `False` is an explicit opt-in to signed
+            features: the denominator phi(q)^T sum_j phi(k_j) can then cross zero (it is clamped at `kernel_eps`),
+            and the weights of a row need not be a distribution.
+        kernel_envelope (`str`, defaults to `"none"`): the token-wise scale h of phi(x) = h(x)/sqrt(m) [psi(u(x))]:
+            `"none"` (h = 1, the authors' listing) or `"exp_sqnorm"` (h(x) = exp(gamma ||x||^2), gamma learned,
+            initialised to 0: an inferred form, the paper does not give h). It cancels on queries, so it is applied
+            to keys only.
+        kernel_eps (`float`, defaults to 1e-6): the denominator's floor, in float32.
+
     Fields of the causal (decoder-only) Luna of paper §3.3, `LunaForCausalLM`:
         is_decoder (`bool`, defaults to `False`): build the causal model: every layer attends over its own learned P
             (a parameter, so P holds no information about the tokens) and position t sees tokens 1..t only.
@@ -63,7 +90,7 @@ class LunaConfig(PreTrainedConfig):
             `"softplus"` is the authors' softplus with β = ln 2, i.e. log2(1 + 2^z); `"elu"` is elu(z) + 1 (their
             code before 2021-08).
         causal_chunk_size (`int`, defaults to 64): c, the chunk length of the parallel causal form (a masked c x c
-            product within a chunk, running sums across chunks).
+            product within a chunk, running sums across chunks), for both attention types.
         use_cache (`bool`, defaults to `True`): return the running sums (a constant-size cache) for `generate()`.
 
     Example:
@@ -103,6 +130,14 @@ class LunaConfig(PreTrainedConfig):
     causal_chunk_size: int = 64
     use_cache: bool = True
     tie_word_embeddings: bool = True
+    attention_type: str = "nested"
+    kernel_num_projections: int = 16
+    kernel_num_channels: int = 4
+    kernel_mlp_hidden: int = 64
+    kernel_shared_channels: bool = True
+    kernel_nonnegative: bool = True
+    kernel_envelope: str = "none"
+    kernel_eps: float = 1e-6
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -118,6 +153,9 @@ class LunaConfig(PreTrainedConfig):
             "intermediate_size",
             "projected_length",
             "causal_chunk_size",
+            "kernel_num_projections",
+            "kernel_num_channels",
+            "kernel_mlp_hidden",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"LunaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
@@ -141,6 +179,7 @@ class LunaConfig(PreTrainedConfig):
             raise ValueError(
                 f"LunaConfig.causal_activation must be one of {CAUSAL_ACTIVATIONS}, got {self.causal_activation!r}."
             )
+        self.validate_attention_type()
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"LunaConfig.hidden_act must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}.")
         if self.pad_token_id is None or not 0 <= self.pad_token_id < self.vocab_size:
@@ -153,6 +192,31 @@ class LunaConfig(PreTrainedConfig):
                 f"LunaConfig.max_position_embeddings ({self.max_position_embeddings}) must exceed pad_token_id + 1 "
                 f"({self.pad_token_id + 1}): positions start after the padding index, so a model for n tokens needs "
                 f"n + pad_token_id + 1 positions (514 for 512 tokens)."
+            )
+
+    def validate_attention_type(self):
+        """The attention switch, the learned-kernel feature map's fields, and no P pooling without P."""
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(
+                f"LunaConfig.attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}: "
+                '"nested" is Luna (Ma et al., 2021), "learned_kernel" the learned-kernel linear attention.'
+            )
+        for name in ("kernel_shared_channels", "kernel_nonnegative"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LunaConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.kernel_envelope not in KERNEL_ENVELOPES:
+            raise ValueError(
+                f"LunaConfig.kernel_envelope must be one of {KERNEL_ENVELOPES}, got {self.kernel_envelope!r}."
+            )
+        if isinstance(self.kernel_eps, bool) or not isinstance(self.kernel_eps, (int, float)) or not (
+            0.0 < self.kernel_eps < 1.0
+        ):
+            raise ValueError(f"LunaConfig.kernel_eps must be in (0, 1), got {self.kernel_eps!r}.")
+        if self.attention_type == "learned_kernel" and self.classifier_pooling in PACKED_POOLINGS:
+            raise ValueError(
+                f"LunaConfig.classifier_pooling={self.classifier_pooling!r} reads Luna's packed sequence P, which "
+                'attention_type="learned_kernel" does not have: use classifier_pooling="cls" (the first real '
+                'token) or "mean" (the mean of the real tokens), or attention_type="nested".'
             )
 
     @property
@@ -169,8 +233,8 @@ class LunaConfig(PreTrainedConfig):
     @property
     def number_of_conv_states(self) -> int:
         """Tensors per cache layer (transformers' name): the key sums, value sums, token count and pack queries of
-        `LunaCausalAttention`."""
-        return 4
+        `LunaCausalAttention`; the value sums, normaliser sums and token count of `LearnedKernelCausalAttention`."""
+        return 4 if self.attention_type == "nested" else 3
 
 
 __all__ = ["LunaConfig"]

@@ -13,7 +13,12 @@ TEMPLATE = """---
 # {{ title }}
 
 {{ summary }}
-{% if is_luna %}
+{% if is_learned_kernel %}
+Its attention is the learned-kernel linear attention of "LUNA: Linear Universal Neural Attention" (Shahbazi et al.,
+2025), in luna-hf's Luna model (`attention_type="learned_kernel"`): each layer's softmax is replaced by
+φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1) with a learned feature map φ, at a cost linear in the length. It is unrelated to Luna
+(*Linear Unified Nested Attention*, Ma et al., 2021), whose nested attention it replaces.
+{% elif is_luna %}
 Luna (*Linear Unified Nested Attention*, Ma et al., NeurIPS 2021, arXiv:2106.01540) is an encoder used like RoBERTa
 whose attention costs O(n·l) instead of O(n²): a short extra sequence P of l = {{ projected_length }} slots packs the
 input with one attention and unpacks it with a second. It is unrelated to "LUNA: Linear Universal Neural Attention"
@@ -109,6 +114,7 @@ def write_model_card(
         title=title,
         summary=summary,
         is_luna=is_luna,
+        is_learned_kernel=is_luna and getattr(config, "attention_type", "nested") == "learned_kernel",
         projected_length=getattr(config, "projected_length", None),
         data=data,
         metrics=[(name, format_metric(value)) for name, value in metrics.items()],

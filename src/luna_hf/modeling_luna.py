@@ -11,33 +11,31 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""PyTorch Luna model (Ma et al., 2021, "Luna: Linear Unified Nested Attention").
+"""PyTorch Luna model (Ma et al., 2021, "Luna: Linear Unified Nested Attention"): embeddings, layers, the encoder
+`LunaModel` and its heads.
 
 Each layer packs the token states X into a short sequence P with one attention (P attends to X, cost n*l), unpacks
 it with a second (X attends to the packed P, cost n*l), and hands the packed P to the next layer. The computation
-follows the authors' fairseq code (`luna_bert`); see docs/architecture.md for every decision.
+follows the authors' fairseq code (`luna_bert`); see docs/architecture.md for every decision. The attention kernels
+are in `modeling_luna_attention.py`, the causal decoder (`LunaForCausalLM`) in `modeling_luna_causal.py`.
 
-This file is copied verbatim next to saved checkpoints for `trust_remote_code`: it imports only torch, transformers
-and its sibling `configuration_luna.py`.
+The three files are copied next to saved checkpoints for `trust_remote_code`: they import only torch, transformers
+and their siblings (`configuration_luna.py` and each other), with one-dot relative imports.
 """
 
-import math
-from collections.abc import Callable
+import shutil
 from dataclasses import dataclass
 from functools import wraps
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.activations import ACT2FN, gelu
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
     MaskedLMOutput,
     ModelOutput,
     MultipleChoiceModelOutput,
@@ -45,7 +43,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
@@ -53,6 +51,7 @@ from transformers.utils.import_utils import is_tracing
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_luna import LunaConfig
+from .modeling_luna_attention import LearnedKernelAttention, LearnedKernelFeatureMap, LunaAttention
 
 # Saved folders name every Auto class, not only the saved head's, so that `AutoModel`, every head and every pipeline
 # load any Luna folder with `trust_remote_code=True` (transformers itself writes only the saved class's entry).
@@ -64,8 +63,16 @@ LUNA_AUTO_MAP = {
     "AutoModelForTokenClassification": "modeling_luna.LunaForTokenClassification",
     "AutoModelForMultipleChoice": "modeling_luna.LunaForMultipleChoice",
     "AutoModelForQuestionAnswering": "modeling_luna.LunaForQuestionAnswering",
-    "AutoModelForCausalLM": "modeling_luna.LunaForCausalLM",
+    "AutoModelForCausalLM": "modeling_luna_causal.LunaForCausalLM",
 }
+# Every file of the model's code. transformers copies only the saved class's file and what it imports, so a folder
+# saved from an encoder would lack the causal decoder's file that `auto_map` names: `save_pretrained` adds the rest.
+LUNA_CODE_FILES = (
+    "configuration_luna.py",
+    "modeling_luna.py",
+    "modeling_luna_attention.py",
+    "modeling_luna_causal.py",
+)
 
 
 @dataclass
@@ -75,10 +82,13 @@ class LunaModelOutput(ModelOutput):
         Token states X of the last layer.
     packed_hidden_state (`torch.FloatTensor` of shape `(batch_size, packed_length, hidden_size)`):
         Packed sequence P of the last layer (`packed_length` = `projected_length`, or less with dynamic projection).
+        With `attention_type="learned_kernel"` there is no P: this, `packed_attention_mask`, `packed_hidden_states`
+        and `pack_attentions` are None, and asking for the last two raises a `ValueError`.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         Sentence representation chosen by `config.classifier_pooling`: the mean of the final P over each row's valid
-        slots (`"packed_mean"`), else the first real token's state (`"cls"`; also for the learned P poolings, whose
-        parameters belong to the sequence heads' `classifier.pooler`, which apply them on top of it).
+        slots (`"packed_mean"`), the mean of the real tokens' states (`"mean"`), else the first real token's state
+        (`"cls"`; also for the learned P poolings, whose parameters belong to the sequence heads' `classifier.pooler`,
+        which apply them on top of it).
     packed_attention_mask (`torch.LongTensor` of shape `(batch_size, packed_length)`):
         1 for the slots of P that a row uses, 0 for those beyond its length (dynamic projection).
     packed_hidden_states (`tuple(torch.FloatTensor)`, returned with `output_packed_hidden_states=True`):
@@ -88,7 +98,9 @@ class LunaModelOutput(ModelOutput):
     hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
         X after the embeddings and after each layer.
     attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
-        Unpack attention maps (X over P), `(batch_size, num_heads, sequence_length, packed_length)` per layer.
+        Unpack attention maps (X over P), `(batch_size, num_heads, sequence_length, packed_length)` per layer. With
+        `attention_type="learned_kernel"` (any attention implementation), the explicit normalised maps A of the
+        linear attention, `(batch_size, num_heads, sequence_length, sequence_length)`: O(n^2), for debugging.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -112,7 +124,8 @@ class LunaDropout(nn.Dropout):
 
 
 class LunaEmbeddings(nn.Module):
-    """Token states X as in RoBERTa (tokens + learned positions, LayerNorm, dropout) and the first layer's P."""
+    """Token states X as in RoBERTa (tokens + learned positions, LayerNorm, dropout) and the first layer's P (nested
+    attention; the learned-kernel attention has no P and gets None)."""
 
     def __init__(self, config: LunaConfig):
         super().__init__()
@@ -123,8 +136,10 @@ class LunaEmbeddings(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         # P is itself a learned positional embedding (paper §3.1): no position term, its own LayerNorm.
-        self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
-        self.projected_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.projected_embeddings = self.projected_layer_norm = None
+        if config.attention_type == "nested":
+            self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
+            self.projected_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LunaDropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, inputs_embeds, token_mask, slot_mask):
@@ -136,6 +151,8 @@ class LunaEmbeddings(nn.Module):
         position_ids = torch.cumsum(token_mask, dim=1) * token_mask + self.padding_idx
         hidden_states = self.layer_norm(inputs_embeds + self.position_embeddings(position_ids))
         hidden_states = self.dropout(hidden_states) * token_mask.unsqueeze(-1).to(hidden_states.dtype)
+        if self.projected_embeddings is None:
+            return hidden_states, None
 
         packed_length = slot_mask.shape[1]
         packed_states = self.projected_layer_norm(self.projected_embeddings[:packed_length])
@@ -143,82 +160,6 @@ class LunaEmbeddings(nn.Module):
         # Dropout per row, then zero the masked slots, as the authors do.
         packed_states = self.dropout(packed_states) * slot_mask.unsqueeze(-1).to(packed_states.dtype)
         return hidden_states, packed_states
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-):
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
-
-class LunaAttention(nn.Module):
-    """Multi-head attention of `queries` over `context`; Luna uses it twice per layer (pack, then unpack).
-
-    With `config.tie_key_value` one projection gives both keys and values (the authors' "tied" Luna). Only the
-    unpack attention has an output projection: the packed context is returned raw, as in the authors' code.
-    """
-
-    def __init__(self, config: LunaConfig, output_projection: bool):
-        super().__init__()
-        self.config = config
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False  # Without it SDPA turns causal whenever the mask is None.
-        self.tie_key_value = config.tie_key_value
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        if self.tie_key_value:
-            self.kv_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        else:
-            self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-            self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size) if output_projection else nn.Identity()
-        self.dropout_p = config.attention_probs_dropout_prob
-
-    def split_heads(self, states: torch.Tensor) -> torch.Tensor:
-        return states.view(*states.shape[:2], -1, self.head_dim).transpose(1, 2)
-
-    def forward(
-        self,
-        queries: torch.Tensor,
-        context: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = self.split_heads(self.q_proj(queries))
-        if self.tie_key_value:
-            key = value = self.split_heads(self.kv_proj(context))
-        else:
-            key, value = self.split_heads(self.k_proj(context)), self.split_heads(self.v_proj(context))
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.dropout_p if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*queries.shape[:2], -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
-
 
 GELU_APPROXIMATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> nn.functional.gelu's
 
@@ -248,14 +189,25 @@ class GeluThenLinear(torch.autograd.Function):
 
 
 class LunaLayer(GradientCheckpointingLayer):
-    """One Luna layer (paper Eq. 6, post-LayerNorm): pack, unpack, residuals on X and on P, feed-forward on X only."""
+    """One Luna layer (paper Eq. 6, post-LayerNorm): pack, unpack, residuals on X and on P, feed-forward on X only.
+
+    The attention is chosen here by `config.attention_type`: `"nested"`, Luna's pack and unpack attentions
+    (`LunaAttention` twice), or `"learned_kernel"`, one `LearnedKernelAttention` of X over X. Everything else is the
+    same; the learned-kernel layer has no P, and takes and returns `packed_states=None`.
+    """
 
     def __init__(self, config: LunaConfig):
         super().__init__()
-        self.pack_attention = LunaAttention(config, output_projection=False)
-        self.unpack_attention = LunaAttention(config, output_projection=True)
+        self.attention_type = config.attention_type
+        if config.attention_type == "nested":
+            self.pack_attention = LunaAttention(config, output_projection=False)
+            self.unpack_attention = LunaAttention(config, output_projection=True)
+        else:
+            self.attention = LearnedKernelAttention(config)
         self.attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.packed_layer_norm = None
+        if config.attention_type == "nested":
+            self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.activation = ACT2FN[config.hidden_act]
@@ -268,31 +220,43 @@ class LunaLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        packed_states: torch.Tensor,
-        pack_mask: torch.Tensor | None,
+        packed_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
         unpack_mask: torch.Tensor | None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """X, P (None for the learned-kernel attention), the mask of X as keys (nested: the pack attention's, from
+        `create_bidirectional_mask`; learned kernel: the (batch, n) token mask) and the unpack attention's mask of P
+        (None for the learned kernel). Returns the new X and P."""
         if self.normalize_before:
-            return self.pre_layer_norm_forward(hidden_states, packed_states, pack_mask, unpack_mask, **kwargs)
-        # Pack: Y_P = Attn(P, X). Unpack: Y_X = Attn(X, Y_P), with keys/values from the raw Y_P.
-        packed_context, _ = self.pack_attention(packed_states, hidden_states, pack_mask, **kwargs)
-        unpacked, _ = self.unpack_attention(hidden_states, packed_context, unpack_mask, **kwargs)
-
-        packed_states = self.packed_layer_norm(packed_states + self.dropout(packed_context))
-        hidden_states = self.attention_layer_norm(hidden_states + self.dropout(unpacked))
+            return self.pre_layer_norm_forward(hidden_states, packed_states, attention_mask, unpack_mask, **kwargs)
+        attended, packed_context = self.attend(hidden_states, packed_states, attention_mask, unpack_mask, **kwargs)
+        if packed_states is not None:
+            packed_states = self.packed_layer_norm(packed_states + self.dropout(packed_context))
+        hidden_states = self.attention_layer_norm(hidden_states + self.dropout(attended))
         hidden_states = self.ffn_layer_norm(hidden_states + self.dropout(self.feed_forward(hidden_states)))
         return hidden_states, packed_states
 
-    def pre_layer_norm_forward(self, hidden_states, packed_states, pack_mask, unpack_mask, **kwargs):
+    def pre_layer_norm_forward(self, hidden_states, packed_states, attention_mask, unpack_mask, **kwargs):
         """`config.normalize_before` (the authors' pre-LN layer): normalise each sub-layer's input, not its output."""
         normalized = self.attention_layer_norm(hidden_states)
-        packed_context, _ = self.pack_attention(self.packed_layer_norm(packed_states), normalized, pack_mask, **kwargs)
-        unpacked, _ = self.unpack_attention(normalized, packed_context, unpack_mask, **kwargs)
-        packed_states = packed_states + self.dropout(packed_context)
-        hidden_states = hidden_states + self.dropout(unpacked)
+        normalized_packed = self.packed_layer_norm(packed_states) if packed_states is not None else None
+        attended, packed_context = self.attend(normalized, normalized_packed, attention_mask, unpack_mask, **kwargs)
+        if packed_states is not None:
+            packed_states = packed_states + self.dropout(packed_context)
+        hidden_states = hidden_states + self.dropout(attended)
         hidden_states = hidden_states + self.dropout(self.feed_forward(self.ffn_layer_norm(hidden_states)))
         return hidden_states, packed_states
+
+    def attend(self, hidden_states, packed_states, attention_mask, unpack_mask, **kwargs):
+        """X's attention output and the packed context (None for the learned-kernel attention)."""
+        if self.attention_type == "learned_kernel":
+            attended, _ = self.attention(hidden_states, attention_mask, **kwargs)
+            return attended, None
+        # Pack: Y_P = Attn(P, X). Unpack: Y_X = Attn(X, Y_P), with keys/values from the raw Y_P.
+        packed_context, _ = self.pack_attention(packed_states, hidden_states, attention_mask, **kwargs)
+        unpacked, _ = self.unpack_attention(hidden_states, packed_context, unpack_mask, **kwargs)
+        return unpacked, packed_context
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         intermediate = self.fc1(hidden_states)
@@ -356,26 +320,58 @@ class LunaPreTrainedModel(PreTrainedModel):
         "packed_hidden_states": [OutputRecorder(LunaEmbeddings, index=1), OutputRecorder(LunaLayer, index=1)],
         "pack_attentions": OutputRecorder(LunaAttention, index=1, layer_name="pack_attention"),
         "hidden_states": LunaLayer,
-        "attentions": OutputRecorder(LunaAttention, index=1, layer_name="unpack_attention"),
+        "attentions": [
+            OutputRecorder(LunaAttention, index=1, layer_name="unpack_attention"),
+            OutputRecorder(LearnedKernelAttention, index=1),
+        ],
     }
 
-    def save_pretrained(self, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = dict(LUNA_AUTO_MAP)
-        return super().save_pretrained(*args, **kwargs)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is not None:  # transformers has written the remote code: complete it
+            code_directory = Path(__file__).parent
+            for name in LUNA_CODE_FILES:
+                if (code_directory / name).is_file() and not (Path(save_directory) / name).is_file():
+                    shutil.copyfile(code_directory / name, Path(save_directory) / name)
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, LunaEmbeddings):
+        if isinstance(module, LunaEmbeddings) and module.projected_embeddings is not None:
             init.normal_(module.projected_embeddings, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, LearnedKernelFeatureMap):
+            # The authors' listing: W ~ N(0, 1/d), b = 0; psi's layers as PyTorch's nn.Linear default,
+            # U(+-1/sqrt(fan_in)) (fan_in 1 for the hidden layer, kernel_mlp_hidden for the output layer).
+            init.normal_(module.projection_weight, mean=0.0, std=module.head_dim**-0.5)
+            init.zeros_(module.projection_bias)
+            init.uniform_(module.channel_hidden_weight, -1.0, 1.0)
+            init.uniform_(module.channel_hidden_bias, -1.0, 1.0)
+            bound = module.channel_output_weight.shape[1] ** -0.5
+            init.uniform_(module.channel_output_weight, -bound, bound)
+            init.uniform_(module.channel_output_bias, -bound, bound)
+            if module.envelope_scale is not None:
+                init.zeros_(module.envelope_scale)
 
 
 def pack_attentions_follow_output_attentions(forward):
-    """`output_attentions=True` returns the pack maps too (recorded under their own key, `pack_attentions`)."""
+    """`output_attentions=True` returns the pack maps too (recorded under their own key, `pack_attentions`). The
+    learned-kernel attention reads the flag itself to build its explicit maps, and has no P: asking for its packed
+    states or pack maps is an error."""
 
     @wraps(forward)
     def wrapper(self, *args, **kwargs):
-        kwargs.setdefault("output_pack_attentions", kwargs.get("output_attentions", self.config.output_attentions))
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        if self.config.attention_type == "nested":
+            kwargs.setdefault("output_pack_attentions", output_attentions)
+            return forward(self, *args, **kwargs)
+        for name in ("output_packed_hidden_states", "output_pack_attentions"):
+            if kwargs.get(name, getattr(self.config, name, False)):
+                raise ValueError(
+                    f'{name}=True asks for Luna\'s packed sequence P, which attention_type="learned_kernel" does not '
+                    "have: use output_hidden_states / output_attentions (the token states and the attention maps)."
+                )
+        kwargs["output_attentions"] = output_attentions
         return forward(self, *args, **kwargs)
 
     return wrapper
@@ -390,7 +386,8 @@ class LunaModel(LunaPreTrainedModel):
         self.layers = nn.ModuleList([LunaLayer(config) for _ in range(config.num_hidden_layers)])
         if config.normalize_before:  # pre-LN: the last layer's sums are normalised once more (authors' final LNs)
             self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            if config.attention_type == "nested":
+                self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -418,26 +415,31 @@ class LunaModel(LunaPreTrainedModel):
             token embeddings instead of `input_ids`.
         """
         token_mask = self.validate_inputs(input_ids, attention_mask, inputs_embeds)
-        slot_mask = self.projected_slot_mask(token_mask)
+        slot_mask = self.projected_slot_mask(token_mask) if self.config.attention_type == "nested" else None
         hidden_states, packed_states = self.embeddings(input_ids, inputs_embeds, token_mask, slot_mask)
 
-        # Pack: P (queries) over X (keys), X's padding masked. Unpack: X over P, P's unused slots masked.
-        pack_mask = create_bidirectional_mask(
-            config=self.config,
-            inputs_embeds=packed_states,
-            attention_mask=token_mask,
-            encoder_hidden_states=hidden_states,
-        )
-        unpack_mask = create_bidirectional_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=slot_mask,
-            encoder_hidden_states=packed_states,
-        )
+        if self.config.attention_type == "nested":
+            # Pack: P (queries) over X (keys), X's padding masked. Unpack: X over P, P's unused slots masked.
+            key_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=packed_states,
+                attention_mask=token_mask,
+                encoder_hidden_states=hidden_states,
+            )
+            unpack_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=slot_mask,
+                encoder_hidden_states=packed_states,
+            )
+        else:  # the learned-kernel attention zeroes the padded keys' features: it takes the token mask as it is
+            key_mask, unpack_mask = token_mask, None
         for layer in self.layers:
-            hidden_states, packed_states = layer(hidden_states, packed_states, pack_mask, unpack_mask, **kwargs)
+            hidden_states, packed_states = layer(hidden_states, packed_states, key_mask, unpack_mask, **kwargs)
         if self.config.normalize_before:
-            hidden_states, packed_states = self.layer_norm(hidden_states), self.packed_layer_norm(packed_states)
+            hidden_states = self.layer_norm(hidden_states)
+            if packed_states is not None:
+                packed_states = self.packed_layer_norm(packed_states)
 
         return LunaModelOutput(
             last_hidden_state=hidden_states,
@@ -488,12 +490,15 @@ class LunaModel(LunaPreTrainedModel):
         return (slots.unsqueeze(0) < lengths.unsqueeze(1)).long()
 
     def pool(self, hidden_states, packed_states, token_mask, slot_mask) -> torch.Tensor:
-        """The mean of P's valid slots (`"packed_mean"`), else the first real token's state: `"cls"`, and what the
-        sequence heads' learned poolings read. The first real token, not the first position, so that a left-padded
-        row pools its own [CLS] rather than a padding position."""
+        """The mean of P's valid slots (`"packed_mean"`), the mean of the real tokens (`"mean"`), else the first real
+        token's state: `"cls"`, and what the sequence heads' learned poolings read. The first real token, not the
+        first position, so that a left-padded row pools its own [CLS] rather than a padding position."""
         if self.config.classifier_pooling == "packed_mean":
             weights = slot_mask.unsqueeze(-1).to(packed_states.dtype)
             return (packed_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        if self.config.classifier_pooling == "mean":
+            weights = token_mask.unsqueeze(-1).to(hidden_states.dtype)
+            return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         first_real = token_mask.argmax(dim=1)  # 0 for a fully padded row
         return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), first_real]
 
@@ -714,275 +719,7 @@ class LunaForQuestionAnswering(LunaPreTrainedModel):
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Causal (decoder-only) Luna, paper §3.3: LunaForCausalLM. Nothing above depends on this section.
-
-KEY_SUMS, VALUE_SUMS, TOKEN_COUNT, PACK_QUERIES = range(4)  # per cache layer (`LunaConfig.number_of_conv_states`)
-CAUSAL_ACTIVATIONS = {  # the authors' softplus has beta = ln 2: log2(1 + 2^z), which is 1 at z = 0
-    "softplus": lambda scores: nn.functional.softplus(scores, beta=math.log(2.0)),
-    "elu": lambda scores: nn.functional.elu(scores) + 1.0,
-}
-
-
-def causal_product(x, y, z, token_count, initial_state, chunk_size: int):
-    """Paper Eq. 7 after a state S_0: out_t = (1/t) x_t (S_0 + sum_{j<=t} y_j^T z_j), x and y (..., n, d1), z (..., n,
-    d2), t (..., n, 1), S_0 (..., d1, d2) or None. A masked c x c product within each chunk, the running d1 x d2 sums
-    across chunks; never n x n nor n x d1 x d2. Sums in (at least) float32. Returns the outputs and the final state."""
-    dtype = x.dtype
-    x, y, z = (t.to(torch.promote_types(dtype, torch.float32)) for t in (x, y, z))
-    length = x.shape[-2]
-    if length == 1 and initial_state is not None:  # a decoding step: one rank-1 update of the state
-        state = initial_state + y.transpose(-1, -2) @ z
-        return (x @ state / token_count.to(x.dtype)).to(dtype), state
-    chunk = min(chunk_size, length)
-    x, y, z = (nn.functional.pad(t, (0, 0, 0, -length % chunk)).unflatten(-2, (-1, chunk)) for t in (x, y, z))
-    chunk_sums = y.transpose(-1, -2) @ z  # (..., chunks, d1, d2)
-    if initial_state is None:
-        initial_state = chunk_sums.new_zeros(chunk_sums.shape[:-3] + chunk_sums.shape[-2:])
-    states_after = initial_state.unsqueeze(-3) + chunk_sums.cumsum(dim=-3)
-    states_before = torch.cat([initial_state.unsqueeze(-3), states_after[..., :-1, :, :]], dim=-3)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
-    within_chunk = (x @ y.transpose(-1, -2)).masked_fill(~causal, 0.0) @ z
-    output = (within_chunk + x @ states_before).flatten(-3, -2)[..., :length, :]
-    return (output / token_count.to(output.dtype)).to(dtype), states_after[..., -1, :, :]
-
-
-class LunaCausalAttention(nn.Module):
-    """Luna causal attention (paper §3.3; the authors' `LunarCausalAttention`). Per head, with s = head_dim^-0.5,
-    t the number of real tokens up to position t and f(x, y, z)_t = (1/t) x_t sum_{j<=t} y_j^T z_j (paper Eq. 7):
-
-        A = ω(pack_key_proj(X) · (s · pack_query_proj(P))^T)     n x l, zero at padding (dropout in training)
-        W = softmax_l(f(s · q_proj(X), k(X), A))                  n x l (masked slots of P excluded)
-        Y = o_proj(f(W, A, v(X)))
-
-    k = v = kv_proj when tied, else k_proj and v_proj. The authors' names: pq_proj, pc_proj, q_proj, c_proj (k_proj,
-    v_proj), out_proj. Their code divides by the raw position and lets padding into the sums; here t counts real
-    tokens and padding adds nothing, so that a left-padded row gives the outputs of the row alone.
-    """
-
-    def __init__(self, config: LunaConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.activation = CAUSAL_ACTIVATIONS[config.causal_activation]
-        self.chunk_size = config.causal_chunk_size
-        self.dropout_p = config.attention_probs_dropout_prob
-        self.pack_query_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.pack_key_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        if config.tie_key_value:
-            self.kv_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        else:
-            self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-            self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def split_heads(self, states: torch.Tensor) -> torch.Tensor:  # (..., length, hidden) -> (..., heads, length, dim)
-        return states.unflatten(-1, (-1, self.head_dim)).transpose(-3, -2)
-
-    def forward(self, hidden_states, packed_states, token_mask, token_count, slot_mask=None, cache=None):
-        """X (batch, n, hidden), P (l or batch x l, hidden), token_mask (batch, n), token_count (batch, n): real tokens
-        up to each position, cached ones included; slot_mask (batch, l), 1 = usable slot. Returns Y and W."""
-        past = self.read_cache(cache)
-        if past is None:
-            pack_queries = self.split_heads(self.pack_query_proj(packed_states)) * self.scaling
-        else:
-            pack_queries = past[PACK_QUERIES]
-        pack_weights = self.activation(self.split_heads(self.pack_key_proj(hidden_states)) @ pack_queries.mT)
-        pack_weights = pack_weights * token_mask[:, None, :, None].to(pack_weights.dtype)
-        pack_weights = nn.functional.dropout(pack_weights, p=self.dropout_p, training=self.training)
-
-        query = self.split_heads(self.q_proj(hidden_states)) * self.scaling
-        if hasattr(self, "kv_proj"):
-            key = value = self.split_heads(self.kv_proj(hidden_states))
-        else:
-            key, value = self.split_heads(self.k_proj(hidden_states)), self.split_heads(self.v_proj(hidden_states))
-        divisor = token_count.clamp(min=1)[:, None, :, None]  # 1 before the first real token: the sums are 0 there
-        key_sums, value_sums = (None, None) if past is None else (past[KEY_SUMS], past[VALUE_SUMS])
-        scores, key_sums = causal_product(query, key, pack_weights, divisor, key_sums, self.chunk_size)
-        if slot_mask is not None:
-            scores = scores.masked_fill(slot_mask[:, None, None, :] == 0, float("-inf"))
-        weights = nn.functional.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        weights = nn.functional.dropout(weights.to(query.dtype), p=self.dropout_p, training=self.training)
-        output, value_sums = causal_product(weights, pack_weights, value, divisor, value_sums, self.chunk_size)
-
-        if cache is not None:
-            pack_queries = pack_queries.expand(hidden_states.shape[0], *pack_queries.shape[-3:])
-            states = (key_sums, value_sums, token_count[:, -1], pack_queries)
-            self.write_cache(cache, states, consumed_length=hidden_states.shape[1])
-        return self.o_proj(output.transpose(1, 2).flatten(2)), weights
-
-    def read_cache(self, cache):
-        """Key sums (batch, heads, dim, l), value sums (batch, heads, l, dim), token count (batch,), pack queries
-        (batch, heads, l, dim); None before the first token."""
-        if cache is None or not cache.has_previous_state(self.layer_idx):
-            return None
-        return [cache.get_recurrent_state(self.layer_idx, index) for index in range(4)]
-
-    def write_cache(self, cache, states, consumed_length: int):
-        """Store the states, and count the positions consumed (padding included) as `cache.get_seq_length()`:
-        `generate()` reads it to feed only the new tokens when it continues from a cache that already holds some."""
-        layer = cache.layers[self.layer_idx]
-        for index, state in enumerate(states):
-            cache.update_recurrent_state(state, self.layer_idx, state_idx=index)
-            # transformers sets this flag and the length in `update_conv_state` only; Luna has no convolution state.
-            layer.has_previous_state[index] = True
-        layer.cumulative_length_linear.add_(consumed_length)
-
-
-class LunaCausalEmbeddings(nn.Module):
-    """Tokens plus learned positions (numbered over real tokens as in `LunaEmbeddings`), LayerNorm, dropout."""
-
-    def __init__(self, config: LunaConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size, config.pad_token_id)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = LunaDropout(config.hidden_dropout_prob)
-
-    def forward(self, input_ids, inputs_embeds, position_ids):
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        return self.dropout(self.layer_norm(inputs_embeds + self.position_embeddings(position_ids)))
-
-
-class LunaCausalLayer(GradientCheckpointingLayer):
-    """A decoder-only Luna layer, post-LayerNorm as `LunaLayer`: causal attention over the layer's own learned P, then
-    the feed-forward. P is a parameter, so it holds no information about the tokens (paper §3.3, "sources of P")."""
-
-    def __init__(self, config: LunaConfig, layer_idx: int):
-        super().__init__()
-        self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
-        self.attention = LunaCausalAttention(config, layer_idx)
-        self.attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.activation = ACT2FN[config.hidden_act]
-        self.gelu_approximation = GELU_APPROXIMATIONS.get(config.hidden_act)
-        self.activation_dropout = nn.Dropout(config.activation_dropout)
-        self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = LunaDropout(config.hidden_dropout_prob)
-
-    feed_forward = LunaLayer.feed_forward  # the encoder layer's, with its gelu recomputation in training
-
-    def forward(self, hidden_states, token_mask, token_count, cache=None) -> torch.Tensor:
-        attended, _ = self.attention(hidden_states, self.projected_embeddings, token_mask, token_count, cache=cache)
-        hidden_states = self.attention_layer_norm(hidden_states + self.dropout(attended))
-        return self.ffn_layer_norm(hidden_states + self.dropout(self.feed_forward(hidden_states)))
-
-
-class LunaDecoderPreTrainedModel(LunaPreTrainedModel):
-    _no_split_modules = ["LunaCausalEmbeddings", "LunaCausalLayer"]
-    _is_stateful = True  # running sums cannot be rolled back (forward refuses generation methods that crop the cache)
-    _can_record_outputs = {"hidden_states": LunaCausalLayer}
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, LunaCausalLayer):
-            # Unit scale, as the encoder's P after its LayerNorm.
-            init.normal_(module.projected_embeddings, mean=0.0, std=1.0)
-
-
-class LunaDecoderModel(LunaDecoderPreTrainedModel):
-    def __init__(self, config: LunaConfig):
-        super().__init__(config)
-        self.embeddings = LunaCausalEmbeddings(config)
-        self.layers = nn.ModuleList([LunaCausalLayer(config, index) for index in range(config.num_hidden_layers)])
-        self.post_init()
-
-    get_input_embeddings = LunaModel.get_input_embeddings  # both read `self.embeddings.word_embeddings`
-    set_input_embeddings = LunaModel.set_input_embeddings
-
-    @capture_outputs
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        cache: Cache | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
-        r"""
-        attention_mask (`torch.Tensor` of shape `(batch_size, cached + sequence_length)`, *optional*): 1 for real
-            tokens, 0 for padding (left padding for batched generation); its last `sequence_length` columns are used.
-        cache (`Cache`, *optional*): `DynamicCache(config=model.config)`, holding per layer the running sums, the
-            token count and the pack queries; its size does not grow with the context.
-        """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache and not self.training
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if cache is not None and (len(cache.layers) != len(self.layers) or not all(cache.is_linear)):
-            raise ValueError("Causal Luna keeps running sums, not keys and values: pass DynamicCache(config=config).")
-        if cache is not None and any(layer.record_past for layer in cache.layers):
-            raise ValueError(
-                "Causal Luna's cache holds running sums, which cannot be rolled back to an earlier token: generation "
-                "methods that crop the cache (assisted generation, prompt lookup decoding) are not supported. "
-                "Generate without assistant_model / prompt_lookup_num_tokens."
-            )
-
-        tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        token_mask = torch.ones_like(tokens, dtype=torch.long)
-        if attention_mask is not None:
-            token_mask = attention_mask[:, -tokens.shape[1] :].long()
-        past_count = token_mask.new_zeros(tokens.shape[0])
-        if cache is not None and cache.has_previous_state(0):
-            past_count = cache.get_recurrent_state(0, TOKEN_COUNT)
-        token_count = past_count[:, None] + token_mask.cumsum(dim=1)
-        position_ids = token_count * token_mask + self.config.pad_token_id
-        if int(token_count.max()) > self.config.max_sequence_length:
-            raise ValueError(f"{int(token_count.max())} tokens exceed the model's {self.config.max_sequence_length}.")
-
-        hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, token_mask, token_count, cache=cache)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
-
-
-class LunaForCausalLM(LunaDecoderPreTrainedModel, GenerationMixin):
-    # The masked LM's head (`LunaLMHead`), tied to the token embeddings the same way.
-    _tied_weights_keys = LunaForMaskedLM._tied_weights_keys
-    get_output_embeddings = LunaForMaskedLM.get_output_embeddings
-    set_output_embeddings = LunaForMaskedLM.set_output_embeddings
-
-    def __init__(self, config: LunaConfig):
-        if not config.is_decoder:
-            raise ValueError("LunaForCausalLM is the causal Luna of paper §3.3: it needs LunaConfig(is_decoder=True).")
-        super().__init__(config)
-        self.luna = LunaDecoderModel(config)
-        self.lm_head = LunaLMHead(config)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        cache: Cache | None = None,
-        use_cache: bool | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast:
-        r"""labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): the input ids (shifted
-        inside: position t predicts token t + 1), -100 where no prediction is scored."""
-        outputs = self.luna(input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, **kwargs)
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        hidden_states = outputs.hidden_states
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=hidden_states)
-
-
 __all__ = [
-    "LunaDecoderModel",
-    "LunaForCausalLM",
     "LunaForMaskedLM",
     "LunaForMultipleChoice",
     "LunaForQuestionAnswering",
