@@ -446,12 +446,17 @@ def test_small_config_is_the_harness_recipe():
                 config.lr_scheduler) == (2, 64, 2, 128, 0.1, "linear")
 
 
+@pytest.mark.parametrize("model_name", ["transformer", "learned-kernel"])
 @pytest.mark.parametrize("task", ["pathfinder", "retrieval"])
-def test_small_transformer_mean_pools_valid_tokens_only(task):
-    """Padding, whatever fills it, does not change the logits of --config small's Transformer; it reads no <CLS>."""
-    args = run_lra.LRAArguments(task=task, data_dir="unused", model="transformer", config="small")
+def test_small_config_mean_pools_valid_tokens_only(task, model_name):
+    """Padding, whatever fills it, does not change the logits of --config small's Transformer or learned-kernel model
+    (the harness's mean pooling); they read no <CLS>."""
+    args = run_lra.LRAArguments(task=task, data_dir="unused", model=model_name, config="small")
     assert not args.prepends_cls and run_lra.LRAArguments(task=task, data_dir="x", config="small").prepends_cls
     model = run_lra.build_model(args, replace_length(args.task_config(), 32), vocab_size=260, num_labels=2).eval()
+    if model_name == "learned-kernel":
+        config = model.config if task != "retrieval" else model.encoder.config
+        assert (config.attention_type, config.classifier_pooling) == ("learned_kernel", "mean")
     ids = torch.randint(4, 260, (2, 12))
     mask = torch.ones_like(ids)
     padded_ids = torch.cat([ids, torch.randint(0, 260, (2, 5))], 1)
@@ -490,7 +495,7 @@ def test_step_times_runs_every_model_on_the_same_inputs(tmp_path, monkeypatch):
     output = tmp_path / "times.jsonl"
     rows = step_times.main(["--task", "retrieval", "--max_length", "32", "--batch_size", "2", "--steps", "1",
                             "--warmup", "0", "--output_file", str(output)])
-    assert [row["model"] for row in rows] == ["transformer", "luna16", "luna16-pmean"]
+    assert [row["model"] for row in rows] == ["transformer", "luna16", "luna16-pmean", "learned-kernel"]
     assert all(row["step_seconds"] > 0 and row["max_length"] == 32 for row in rows)
     assert [json.loads(line)["model"] for line in output.read_text().splitlines()] == [r["model"] for r in rows]
     with pytest.raises(ValueError, match="Unknown --models"):

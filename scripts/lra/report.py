@@ -21,8 +21,12 @@ PAPER = {
     "transformer": {"listops": 37.11, "text": 65.21, "retrieval": 79.14, "image": 42.94, "pathfinder": 71.83},
     "luna16": {"listops": 37.43, "text": 65.74, "retrieval": 79.38, "image": 46.39, "pathfinder": 78.36},
     "luna16-pmean": {"listops": 38.06, "text": 65.81, "retrieval": 80.22},
+    # Shahbazi et al. 2025, Table 1, on the Skyformer harness (its own Transformer row: 38.71 / 61.55 / 80.93 /
+    # 39.14 / 70.39; ../shared/notes/learned-kernel-attention.md, section 8).
+    "learned-kernel": {"listops": 38.94, "text": 73.41, "retrieval": 81.02, "image": 64.32, "pathfinder": 69.52},
 }
-NAMES = {"transformer": "Transformer (RoBERTa, SDPA)", "luna16": "Luna-16, [CLS]", "luna16-pmean": "Luna-16, P-mean"}
+NAMES = {"transformer": "Transformer (RoBERTa, SDPA)", "luna16": "Luna-16, [CLS]", "luna16-pmean": "Luna-16, P-mean",
+         "learned-kernel": "learned-kernel LUNA (2025), mean"}
 # What must be equal across the models of one task for the comparison to be at equal steps.
 SHARED_SETTINGS = ("max_length", "batch_size", "max_steps", "learning_rate", "warmup_steps", "num_layers",
                    "hidden_size")

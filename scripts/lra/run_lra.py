@@ -161,14 +161,15 @@ class LRAArguments:
         self.output_dir = self.output_dir or str(Path("outputs/lra") / name)
 
     @property
-    def mean_pooled_transformer(self) -> bool:
-        """--config small's Transformer: the mean of its final states over valid tokens, as in the harness."""
-        return self.model == "transformer" and self.config == "small"
+    def mean_pooled(self) -> bool:
+        """--config small's Transformer and learned-kernel model (a Transformer with another attention): the mean of
+        the final states over valid tokens, as in the harness."""
+        return self.model in ("transformer", "learned-kernel") and self.config == "small"
 
     @property
     def prepends_cls(self) -> bool:
-        """A <CLS> token goes first unless nothing reads it (P-mean, a mean-pooled Transformer)."""
-        return self.classifier_pooling == "cls" and not self.mean_pooled_transformer
+        """A <CLS> token goes first unless nothing reads it (P-mean, a mean-pooled model)."""
+        return self.classifier_pooling == "cls" and not self.mean_pooled
 
     @property
     def run_name(self) -> str:
@@ -376,16 +377,16 @@ def build_model(args: LRAArguments, task: TaskConfig, vocab_size: int, num_label
     if args.model != "transformer":
         # LRA Luna is untied (the authors' LRA encoder has no tied option).
         config = LunaConfig(**common, projected_length=args.projected_length, tie_key_value=False,
-                            classifier_pooling=args.classifier_pooling,
+                            classifier_pooling="mean" if args.mean_pooled else args.classifier_pooling,
                             attention_type="learned_kernel" if args.model == "learned-kernel" else "nested")
         single = LunaForSequenceClassification
     else:
         config = RobertaConfig(**common, attn_implementation="sdpa")
-        single = MeanPooledRobertaClassifier if args.mean_pooled_transformer else RobertaForSequenceClassification
+        single = MeanPooledRobertaClassifier if args.mean_pooled else RobertaForSequenceClassification
     if args.task != "retrieval":
         return single(config)
     encoder = AutoModel.from_config(config, **({} if args.model != "transformer" else {"add_pooling_layer": False}))
-    return PairClassifier(encoder, num_labels, mean_pool=args.mean_pooled_transformer)
+    return PairClassifier(encoder, num_labels, mean_pool=args.mean_pooled and args.model == "transformer")
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -452,8 +453,8 @@ def validation_curve(log_history: list[dict]) -> list[list[float]]:
 def record(args: LRAArguments, task: TaskConfig, info: dict, results: dict) -> dict:
     entry = {"task": args.task, "model": args.run_name, "config": args.config, "seed": args.seed,
              "data": info["source"], "real_data": info["real"], **results,
-             "settings": {**asdict(task), "projected_length": args.projected_length,
-                          "classifier_pooling": args.classifier_pooling}}
+             "settings": {**asdict(task), "classifier_pooling": "mean" if args.mean_pooled else args.classifier_pooling,
+                          **({"projected_length": args.projected_length} if args.model == "luna" else {})}}
     Path(args.output_dir, "lra_results.json").write_text(json.dumps(entry, indent=2) + "\n")
     Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results_file, "a") as handle:

@@ -5,7 +5,8 @@ input length and batch of each task's runs are chosen.
 
     python scripts/lra/step_times.py --task image --max_length 1024 --batch_size 32 --threads 1
 
-The models are those `run_lra.py --config CONFIG` trains (the Transformer, Luna-l with [CLS], Luna-l with P-mean);
+The models are those `run_lra.py --config CONFIG` trains (the Transformer, Luna-l with [CLS], Luna-l with P-mean,
+the learned-kernel attention);
 Retrieval times the pair classifier (two documents per example). Every model gets the same inputs; the median of
 `--steps` steps after `--warmup` untimed ones is reported, and a line per model is appended to `--output_file`.
 """
@@ -21,7 +22,8 @@ from run_lra import LISTOPS_SYMBOLS, LRAArguments, build_model
 from transformers import HfArgumentParser
 
 MODELS = {"transformer": dict(model="transformer"), "luna": dict(model="luna"),
-          "luna-pmean": dict(model="luna", classifier_pooling="packed_mean")}
+          "luna-pmean": dict(model="luna", classifier_pooling="packed_mean"),
+          "learned-kernel": dict(model="learned-kernel")}
 NUM_LABELS = {"listops": 10, "text": 20, "retrieval": 2, "image": 10, "pathfinder": 2}
 
 
