@@ -144,3 +144,15 @@ def test_max_length_search_doubles_then_bisects_with_real_steps(tmp_path):
         longest[name] = fits
     assert set(longest) == {"luna-16", "roberta-sdpa"}
     assert longest["luna-16"] >= 4 * longest["roberta-sdpa"]
+
+
+def test_modernbert_baseline_has_the_same_shape_and_feed_forward_size(script):
+    modernbert = script.build_model("modernbert", "small", 256, 512)
+    roberta = script.build_model("roberta-sdpa", "small", 256, 512)
+    config = modernbert.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (256, 4, 4)
+    assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
+    modernbert_ffn = sum(p.numel() for n, p in modernbert.named_parameters() if ".mlp.W" in n)
+    roberta_ffn = sum(p.numel() for n, p in roberta.named_parameters()
+                      if n.endswith(("intermediate.dense.weight", "output.dense.weight")) and ".attention." not in n)
+    assert abs(modernbert_ffn - roberta_ffn) / roberta_ffn < 0.01  # I = 2/3 FFN, rounded down
