@@ -329,10 +329,35 @@ def test_generation_from_embeddings_continues_from_a_cache_that_holds_their_pref
 
 
 def test_chunked_prefill_generates_what_a_single_prefill_does():
+    """Also from a cache that holds the prompt's first tokens: the chunks must start after them."""
     model = causal_model(seed=6)
     prompt = random_ids(2, 11)
     settings = dict(max_new_tokens=5, do_sample=False)
-    assert torch.equal(model.generate(prompt, prefill_chunk_size=4, **settings), model.generate(prompt, **settings))
+    single = model.generate(prompt, **settings)
+    assert torch.equal(model.generate(prompt, prefill_chunk_size=4, **settings), single)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt[:, :3], cache=cache)
+    assert torch.equal(model.generate(prompt, prefill_chunk_size=4, cache=cache, **settings), single)
+
+
+def test_a_filled_cache_is_not_expanded_or_reused_for_another_text():
+    """Running sums cannot be expanded to more rows or rewound: each misuse stops with a message instead of wrong
+    tokens (reuse) or a shape error deep in the attention (beam search, several sequences per prompt)."""
+    model = causal_model(seed=5)
+    prompt = random_ids(2, 7, seed=1)
+    first = model.generate(prompt, **continuation_settings(max_new_tokens=3, cache=DynamicCache(config=model.config)))
+    state = [tensor.clone() for tensor in first.cache.layers[0].recurrent_states.values()]
+    with pytest.raises(ValueError, match="has already read 9 positions"):
+        model.generate(prompt, **continuation_settings(cache=first.cache))
+    for expanding in (dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
+        with pytest.raises(ValueError, match="cannot be expanded"):
+            model.generate(first.sequences, **continuation_settings(cache=first.cache, **expanding))
+    with pytest.raises(ValueError, match="attention mask covers 4 positions"), torch.no_grad():
+        model(first.sequences[:, -2:], attention_mask=torch.ones(2, 4, dtype=torch.long), cache=first.cache)
+    # Refused before anything was added: the cache still continues its own text correctly.
+    assert all(torch.equal(a, b) for a, b in zip(state, first.cache.layers[0].recurrent_states.values(), strict=True))
+    assert int(first.cache.get_seq_length()) == 9
 
 
 @pytest.mark.parametrize("method", [dict(prompt_lookup_num_tokens=2), "assistant_model"])

@@ -102,6 +102,26 @@ class LunaDecoderPreTrainedModel(LunaPreTrainedModel):
             init.normal_(module.projected_embeddings, mean=0.0, std=1.0)
 
 
+def check_cache_continues(cache: Cache, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """A filled cache continues only the rows it read, with the positions it read: its running sums cannot be
+    expanded, reordered or rolled back. Without these checks the model would read the new tokens as following text
+    they do not follow and return wrong outputs silently."""
+    cached_rows, (rows, new_length) = cache.get_recurrent_state(0, TOKEN_COUNT).shape[0], tokens.shape
+    if rows != cached_rows:
+        raise ValueError(
+            f"The cache holds running sums for {cached_rows} rows, the input has {rows}. A filled cache cannot be "
+            "expanded: beam search and num_return_sequences > 1 must start from an empty cache (or none)."
+        )
+    read = cache.get_seq_length()
+    if attention_mask is not None and attention_mask.shape[1] not in (new_length, read + new_length):
+        raise ValueError(
+            f"The attention mask covers {attention_mask.shape[1]} positions, but the cache has read {read} and "
+            f"{new_length} tokens are new: pass a mask of {read + new_length} (cached + new) or {new_length} (new) "
+            "columns. A cache that has read more than a prefix of this text (e.g. one used by an earlier generate() "
+            "call, which also read the generated tokens) cannot be reused: start from DynamicCache(config=config)."
+        )
+
+
 class LunaDecoderModel(LunaDecoderPreTrainedModel):
     def __init__(self, config: LunaConfig):
         super().__init__(config)
@@ -149,6 +169,7 @@ class LunaDecoderModel(LunaDecoderPreTrainedModel):
         past_count = token_mask.new_zeros(tokens.shape[0])
         if cache is not None and cache.has_previous_state(0):
             past_count = cache.get_recurrent_state(0, TOKEN_COUNT)
+            check_cache_continues(cache, tokens, attention_mask)
         token_count = past_count[:, None] + token_mask.cumsum(dim=1)
         position_ids = token_count * token_mask + self.config.pad_token_id
         if int(token_count.max()) > self.config.max_sequence_length:
@@ -196,7 +217,21 @@ class LunaForCausalLM(LunaDecoderPreTrainedModel, GenerationMixin):
         hidden_states = outputs.hidden_states
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=hidden_states)
 
-
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, **kwargs
+    ):
+        # generate() continues a filled cache by feeding the input's last (length - cached) tokens; a cache that has
+        # read as much as the input, or more, would make that count zero or negative and the model read wrong tokens.
+        if next_sequence_length is not None and next_sequence_length < 1:
+            raise ValueError(
+                f"The cache has already read {int(cache.get_seq_length())} positions, as many as this input's "
+                f"{input_ids.shape[1]} or more: it holds another text, or an earlier generate() call's (which also "
+                "read the generated tokens). Pass a cache that holds a beginning of this input, or a new "
+                "DynamicCache(config=model.config)."
+            )
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length, cache=cache, inputs_embeds=inputs_embeds, **kwargs
+        )
 
 
 __all__ = ["LunaDecoderModel", "LunaForCausalLM"]
