@@ -87,6 +87,8 @@ NEW_ATTENTION_PARAMETERS = {
 def is_new_attention_parameter(name: str, attention_type: str) -> bool:
     return any(part in name for part in NEW_ATTENTION_PARAMETERS[attention_type])
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
 
 class ConversionError(Exception):
     """A checkpoint or an argument this converter refuses; the message says why and what it accepts."""
@@ -141,17 +143,20 @@ def load_source(path: Path):
             f"{path}'s masked-LM head uses {source_config.hidden_act!r}; Luna's LM head applies gelu: convert the "
             "encoder (its Model architecture) instead."
         )
+    if head == "question_answering" and source_config.num_labels != 2:
+        raise ConversionError(
+            f"{path}'s question-answering head has {source_config.num_labels} outputs; Luna's has 2 (start, end)."
+        )
     source = getattr(transformers, architecture).from_pretrained(path, attn_implementation="eager").eval()
     return source, architecture, source_config.model_type
 
 
 def load_tokenizer(path: Path, source_config):
     """The source's tokenizer, checked against the model; None (with a warning) if the folder has none."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        logger.warning("No tokenizer loads from %s: the Luna folder will have none.", path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        logger.warning("%s has no tokenizer (none of %s): the Luna folder will have none.", path, TOKENIZER_FILES)
         return None
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if len(tokenizer) > source_config.vocab_size or tokenizer.pad_token_id != source_config.pad_token_id:
         raise ConversionError(
             f"The tokenizer in {path} does not match the model: {len(tokenizer)} tokens and padding id "
