@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from hub_fixture import run_python
 from torch import nn
@@ -277,19 +278,34 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(t
             return transfer(**inputs)["layer_losses"], student.state_dict()
 
     before, converted_state = per_layer_loss(folder)
-    transfer_script.main([
-        "--model_name_or_path", str(folder), "--teacher_name_or_path", str(tmp_path / "source"),
-        "--train_file", str(tmp_path / "train.tsv"), "--transferred_model_dir", str(tmp_path / "transferred"),
-        "--output_dir", str(tmp_path / "checkpoints"), "--max_steps", "30", "--learning_rate", learning_rate,
-        "--per_device_train_batch_size", "16", "--save_steps", "15", "--report_to", "none", "--seed", "0",
-        "--use_cpu", "--disable_tqdm", "true",
-    ])  # fmt: skip
+
+    def transfer(destination, *extra):
+        transfer_script.main([
+            "--model_name_or_path", str(folder), "--teacher_name_or_path", str(tmp_path / "source"),
+            "--train_file", str(tmp_path / "train.tsv"), "--transferred_model_dir", str(tmp_path / destination),
+            "--output_dir", str(tmp_path / "checkpoints"), "--max_steps", "30", "--learning_rate", learning_rate,
+            "--per_device_train_batch_size", "16", "--save_steps", "15", "--report_to", "none", "--seed", "0",
+            "--use_cpu", "--disable_tqdm", "true", *extra,
+        ])  # fmt: skip
+
+    transfer("transferred")
     after, transferred_state = per_layer_loss(tmp_path / "transferred")
     assert (after < before).all(), (before, after)
     changed = {name for name, tensor in converted_state.items() if not torch.equal(transferred_state[name], tensor)}
     new = {name for name in converted_state if convert_script.is_new_attention_parameter(name, attention)}
     assert changed and changed <= new, changed - new
-    assert (tmp_path / "checkpoints" / "checkpoint-30").is_dir()
+    # Resumed from the middle, the run ends where the uninterrupted one did.
+    transfer("resumed", "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-15"))
+    _, resumed_state = per_layer_loss(tmp_path / "resumed")
+    for name in new:
+        torch.testing.assert_close(resumed_state[name], transferred_state[name])
+    # ... and it did read the checkpoint: from altered weights it ends elsewhere.
+    checkpoint_weights = tmp_path / "checkpoints" / "checkpoint-15" / "model.safetensors"
+    weights = safetensors.torch.load_file(checkpoint_weights)
+    safetensors.torch.save_file({name: tensor + 0.1 for name, tensor in weights.items()}, checkpoint_weights)
+    transfer("resumed-altered", "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-15"))
+    _, altered_state = per_layer_loss(tmp_path / "resumed-altered")
+    assert any(not torch.equal(altered_state[name], transferred_state[name]) for name in new)
 
 
 def test_bad_input_is_refused_and_writes_nothing(tmp_path):
