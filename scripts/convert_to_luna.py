@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, set_seed
 
 from luna_hf import (
     LunaConfig,
@@ -110,6 +110,7 @@ class Arguments:
         },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+    seed: int = field(default=0, metadata={"help": "Seed of the new parameters' initialisation (the feature maps)."})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -369,6 +370,7 @@ def convert(args: Arguments) -> Path:
     # Phase 2: build the Luna model and fill it with the converted tensors.
     config = luna_config(source.config, family, args)
     luna_class, auto_class, _ = HEADS[architecture.removeprefix(FAMILIES[family])]
+    set_seed(args.seed)
     model = luna_class(config)
     converted = convert_state_dict(source, architecture, family, config)
     missing, unexpected = model.load_state_dict(converted, strict=False)

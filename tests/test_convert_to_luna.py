@@ -347,3 +347,13 @@ def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert(tmp_path / "source", tmp_path / "out")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]
+
+
+def test_conversion_is_seeded(tmp_path):
+    save_source(BertModel, bert_config(), tmp_path / "source")
+    first = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "first")).state_dict()
+    second = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "second")).state_dict()
+    other = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "other", seed=1)).state_dict()
+    feature_maps = [name for name in first if "feature_map" in name]
+    assert feature_maps and all(torch.equal(first[name], second[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in feature_maps)
