@@ -84,6 +84,11 @@ NEW_ATTENTION_PARAMETERS = {
 }
 
 
+def source_head(architecture: str, family: str) -> tuple:
+    """The Luna class, its Auto class and the head kind of a supported architecture, e.g. "BertForMaskedLM"."""
+    return HEADS[architecture.removeprefix(FAMILIES[family])]
+
+
 def is_new_attention_parameter(name: str, attention_type: str) -> bool:
     return any(part in name for part in NEW_ATTENTION_PARAMETERS[attention_type])
 
@@ -124,8 +129,7 @@ def load_source(path: Path):
         raise ConversionError(f"{path} has no config.json: pass a transformers model folder.")
     source_config = AutoConfig.from_pretrained(path)
     family = FAMILIES.get(source_config.model_type)
-    architectures = source_config.architectures or [f"{family}Model"]
-    architecture = architectures[0]
+    architecture = (source_config.architectures or [f"{family or source_config.model_type}Model"])[0]
     if family is None or architecture not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(
             f"{path} holds {architecture!r} (model_type {source_config.model_type!r}); the converter supports "
@@ -138,7 +142,7 @@ def load_source(path: Path):
     position_type = getattr(source_config, "position_embedding_type", "absolute")
     if position_type not in (None, "absolute"):
         raise ConversionError(f"{path} has position_embedding_type={position_type!r}; only 'absolute' converts.")
-    head = HEADS[architecture.removeprefix(FAMILIES[source_config.model_type])][2]
+    _, _, head = source_head(architecture, source_config.model_type)
     if head == "masked_lm" and source_config.hidden_act != "gelu":
         raise ConversionError(
             f"{path}'s masked-LM head uses {source_config.hidden_act!r}; Luna's LM head applies gelu: convert the "
@@ -315,7 +319,7 @@ def head_tensors(state: dict, head: str, family: str) -> dict:
 
 def convert_state_dict(source, architecture: str, family: str, config: LunaConfig) -> dict[str, torch.Tensor]:
     state = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
-    head = HEADS[architecture.removeprefix(FAMILIES[family])][2]
+    _, _, head = source_head(architecture, family)
     base_prefix = "" if head == "base" else f"{source.base_model_prefix}."
     base = {name.removeprefix(base_prefix): tensor for name, tensor in state.items() if name.startswith(base_prefix)}
     tensors = embedding_tensors(base, config)
@@ -369,15 +373,14 @@ def convert(args: Arguments) -> Path:
 
     # Phase 2: build the Luna model and fill it with the converted tensors.
     config = luna_config(source.config, family, args)
-    luna_class, auto_class, _ = HEADS[architecture.removeprefix(FAMILIES[family])]
+    luna_class, auto_class, _ = source_head(architecture, family)
     set_seed(args.seed)
     model = luna_class(config)
     converted = convert_state_dict(source, architecture, family, config)
     missing, unexpected = model.load_state_dict(converted, strict=False)
-    unexpected = [name for name in unexpected if name not in model.state_dict()]
-    new = [name for name in missing if "feature_map" not in name and name != "lm_head.decoder.weight"]
-    if unexpected or new:
-        raise ConversionError(f"Converted tensors without a place: {unexpected}; places without a tensor: {new}")
+    unfilled = [name for name in missing if not is_new_attention_parameter(name, args.attention)]
+    if unexpected or unfilled:
+        raise ConversionError(f"Converted tensors without a place: {unexpected}; places without a tensor: {unfilled}")
     model.tie_weights()
     model.eval()
 

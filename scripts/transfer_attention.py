@@ -74,16 +74,20 @@ class AttentionTransfer(nn.Module):
             raise ValueError(f"The student has {len(student_layers)} layers, the teacher {len(teacher_layers)}.")
         self.teacher_outputs, self.student_outputs = [None] * len(teacher_layers), [None] * len(teacher_layers)
         for index, (student_layer, teacher_layer) in enumerate(zip(student_layers, teacher_layers, strict=True)):
+            # BERT's attention output is its output projection's (`attention.output.dense`), before dropout and the
+            # residual; Luna's is the learned-kernel attention's or the unpack attention's first output.
             teacher_layer.attention.output.dense.register_forward_hook(self.recorder(self.teacher_outputs, index))
             student_layer.register_forward_pre_hook(self.teacher_input_feeder(index), with_kwargs=True)
-            student_attention = student_layer.attention if hasattr(student_layer, "attention") else None
-            student_attention = student_attention or student_layer.unpack_attention
-            student_attention.register_forward_hook(self.recorder(self.student_outputs, index, first=True))
+            if student.config.attention_type == "learned_kernel":
+                student_attention = student_layer.attention
+            else:
+                student_attention = student_layer.unpack_attention
+            student_attention.register_forward_hook(self.recorder(self.student_outputs, index, returns_tuple=True))
 
     @staticmethod
-    def recorder(outputs: list, index: int, first: bool = False):
+    def recorder(outputs: list, index: int, returns_tuple: bool = False):
         def hook(module, args, output):
-            outputs[index] = output[0] if first else output
+            outputs[index] = output[0] if returns_tuple else output
 
         return hook
 
