@@ -356,6 +356,7 @@ def write_card(folder: Path, model, args: Arguments, architecture: str, auto_cla
                           "original's, so the outputs differ from the original's (docs/conversion.md).",
         limitations=[
             "Not a drop-in replacement before scripts/transfer_attention.py and fine-tuning.",
+            "The weights are the original's: its license and terms apply, whatever the license field says.",
             f"Inputs of at most {config.max_sequence_length} tokens"
             + (" (positions beyond the original's repeat its learned ones)." if args.max_position_embeddings else "."),
         ],

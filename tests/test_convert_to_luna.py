@@ -357,3 +357,17 @@ def test_conversion_is_seeded(tmp_path):
     feature_maps = [name for name in first if "feature_map" in name]
     assert feature_maps and all(torch.equal(first[name], second[name]) for name in first)
     assert not all(torch.equal(first[name], other[name]) for name in feature_maps)
+
+
+def test_interrupted_transfer_leaves_no_folder(tmp_path, monkeypatch):
+    save_source(BertModel, bert_config(), tmp_path / "source")
+    model = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "luna"))
+    tokenizer = BertTokenizer.from_pretrained(tmp_path / "luna")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        transfer_script.save_atomically(model, tokenizer, tmp_path / "transferred")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["luna", "source"]
