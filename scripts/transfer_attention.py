@@ -39,8 +39,16 @@ from transformers import (
 )
 
 import luna_hf
+from luna_hf.model_card import write_model_card
 
 logger = logging.getLogger(__name__)
+LOAD_CLASSES = {
+    "LunaForMaskedLM": "AutoModelForMaskedLM",
+    "LunaForSequenceClassification": "AutoModelForSequenceClassification",
+    "LunaForMultipleChoice": "AutoModelForMultipleChoice",
+    "LunaForTokenClassification": "AutoModelForTokenClassification",
+    "LunaForQuestionAnswering": "AutoModelForQuestionAnswering",
+}
 
 
 @dataclass
@@ -149,12 +157,31 @@ def freeze_all_but_new_attention(model: luna_hf.LunaPreTrainedModel) -> list[str
     return trained
 
 
-def save_atomically(model, tokenizer, destination: Path) -> None:
+def write_card(folder: Path, model, args: TransferArguments, steps: int, texts: int, loss: float | None) -> None:
+    name, teacher = Path(args.transferred_model_dir).name, args.teacher_name_or_path
+    write_model_card(
+        folder, config=model.config, script="scripts/transfer_attention.py", model_id=name,
+        load_class=LOAD_CLASSES.get(type(model).__name__, "AutoModel"),
+        title=f"{name}: attention transferred from {Path(teacher).name}",
+        summary=f"`{args.model_name_or_path}` (converted by scripts/convert_to_luna.py) after {steps} steps of "
+                f"attention transfer from `{teacher}`: only the parameters the conversion added were trained, so "
+                "that each layer's attention output imitates the original's.",
+        data=f"{texts} texts from `{args.train_file or args.dataset_name}`, at most {args.max_length} tokens each.",
+        metrics={"attention_transfer_loss": loss} if loss is not None else {},
+        limitations=["Not fine-tuned on a task: fine-tune it (scripts/finetune_glue.py) before use.",
+                     "The weights are the original's but for the new attention: its license and terms apply."],
+    )  # fmt: skip
+
+
+def save_atomically(model, tokenizer, destination: Path, write_readme=None) -> None:
+    """Write the folder next to `destination` and rename it when complete; `write_readme(folder)` adds the card."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if write_readme is not None:
+            write_readme(staging)
         staging.rename(destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -191,8 +218,13 @@ def main(argv=None):
         train_dataset=train_dataset,
         data_collator=DataCollatorWithPadding(tokenizer),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_atomically(student, tokenizer, destination)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_atomically(
+        student,
+        tokenizer,
+        destination,
+        lambda folder: write_card(folder, student, args, result.global_step, len(texts), result.training_loss),
+    )
     print(f"Transferred attention of {args.model_name_or_path} -> {destination}")
 
 

@@ -289,6 +289,7 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(t
         ])  # fmt: skip
 
     transfer("transferred")
+    assert "attention transferred from source" in (tmp_path / "transferred" / "README.md").read_text()
     after, transferred_state = per_layer_loss(tmp_path / "transferred")
     assert (after < before).all(), (before, after)
     changed = {name for name, tensor in converted_state.items() if not torch.equal(transferred_state[name], tensor)}
