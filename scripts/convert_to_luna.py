@@ -395,7 +395,12 @@ def convert(args: Arguments) -> Path:
             tokenizer.save_pretrained(staging)
         write_card(staging, model, args, architecture, auto_class)
         reloaded = luna_class.from_pretrained(staging).state_dict()
-        differing = [name for name, tensor in converted.items() if not torch.equal(reloaded[name], tensor)]
+        # A float16 or bfloat16 source is converted into the model's float32.
+        differing = [
+            name
+            for name, tensor in converted.items()
+            if not torch.equal(reloaded[name], tensor.to(reloaded[name].dtype))
+        ]
         if differing:
             raise ConversionError(f"The saved folder does not reload to the converted tensors: {differing}")
         if output_dir.exists():
