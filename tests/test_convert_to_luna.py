@@ -372,3 +372,11 @@ def test_interrupted_transfer_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         transfer_script.save_atomically(model, tokenizer, tmp_path / "transferred")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["luna", "source"]
+
+
+def test_bfloat16_source_converts_to_float32(tmp_path):
+    original = save_source(BertModel, bert_config(), tmp_path / "float32")
+    original.to(torch.bfloat16).save_pretrained(tmp_path / "source")
+    model = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "luna", attention="nested"))
+    assert model.dtype == torch.float32
+    assert torch.equal(model.embeddings.word_embeddings.weight, original.embeddings.word_embeddings.weight.float())
