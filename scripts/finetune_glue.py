@@ -482,7 +482,9 @@ def main(argv=None):
             trust_remote_code=model_args.trust_remote_code, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         )
     max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions and config.model_type in ("luna", "roberta", "xlm-roberta", "camembert"):
+    if config.model_type == "luna":  # RoBERTa's or, converted from BERT, BERT's position numbering
+        max_positions = config.max_sequence_length
+    elif max_positions and config.model_type in ("roberta", "xlm-roberta", "camembert"):
         max_positions -= config.pad_token_id + 1  # RoBERTa-style positions start after the padding index
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length, max_positions or sys.maxsize)
     if max_seq_length < data_args.max_seq_length:

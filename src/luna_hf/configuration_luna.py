@@ -21,6 +21,7 @@ PACKED_POOLINGS = ("packed_mean", "packed_max", "packed_attention")  # read the 
 CAUSAL_ACTIVATIONS = ("softplus", "elu")
 ATTENTION_TYPES = ("nested", "learned_kernel")
 KERNEL_ENVELOPES = ("none", "exp_sqnorm")
+POSITION_NUMBERINGS = ("padding_offset", "from_zero")
 
 
 class LunaConfig(PreTrainedConfig):
@@ -58,6 +59,19 @@ class LunaConfig(PreTrainedConfig):
             `proj_layer_norm`). `False` is the paper's post-LayerNorm Eq. 6, used by every released checkpoint.
             Unlike the authors' code (which then drops them), the embeddings keep their LayerNorms. Pre-LN trains
             at learning rates where the post-LN small Luna collapses (docs/pretraining.md).
+
+    Embeddings of a converted BERT (`scripts/convert_to_luna.py`, docs/conversion.md); the defaults are RoBERTa's and
+    fairseq's, which every Luna checkpoint uses:
+        type_vocab_size (`int`, defaults to 0): the number of token types (BERT's segment A / B, 2 in BERT; 1 in
+            RoBERTa, whose single row is added to every token). 0 means no token-type embeddings, and the models then
+            refuse `token_type_ids`. With n > 0, `token_type_ids` (default all 0) add `token_type_embeddings`.
+        position_numbering (`str`, defaults to `"padding_offset"`): how real tokens are numbered into
+            `position_embeddings`. `"padding_offset"` is RoBERTa's and fairseq's: pad_token_id + 1, pad_token_id + 2,
+            ..., padded positions take the (zero) row pad_token_id, and `max_position_embeddings` = longest input +
+            pad_token_id + 1 (514 for 512 tokens). `"from_zero"` is BERT's: 0, 1, ..., n - 1, no padding row, and
+            `max_position_embeddings` is the longest input (512). Both count real tokens from the attention mask,
+            so a left-padded row is numbered as the same row unpadded (BERT itself numbers positions, padding
+            included, from the first position; the two agree for right padding).
 
     Attention (docs/learned-kernel.md):
         attention_type (`str`, defaults to `"nested"`): `"nested"` is Luna's pack/unpack attention over P (Ma et al.,
@@ -138,6 +152,8 @@ class LunaConfig(PreTrainedConfig):
     kernel_nonnegative: bool = True
     kernel_envelope: str = "none"
     kernel_eps: float = 1e-6
+    type_vocab_size: int = 0
+    position_numbering: str = "padding_offset"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -187,7 +203,28 @@ class LunaConfig(PreTrainedConfig):
                 f"LunaConfig.pad_token_id must be a token id in [0, vocab_size={self.vocab_size}), got "
                 f"{self.pad_token_id!r}: positions are numbered after it, as in RoBERTa."
             )
-        if self.max_position_embeddings <= self.pad_token_id + 1:
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(
+                f"LunaConfig.type_vocab_size must be a non-negative integer (0: no token types), got "
+                f"{self.type_vocab_size!r}."
+            )
+        if self.position_numbering not in POSITION_NUMBERINGS:
+            raise ValueError(
+                f"LunaConfig.position_numbering must be one of {POSITION_NUMBERINGS}, got {self.position_numbering!r}: "
+                '"padding_offset" numbers positions after pad_token_id (RoBERTa, fairseq), "from_zero" from 0 (BERT).'
+            )
+        if self.is_decoder and (self.type_vocab_size != 0 or self.position_numbering != "padding_offset"):
+            raise ValueError(
+                "LunaConfig.type_vocab_size and position_numbering are implemented for the encoder only, not "
+                'is_decoder: leave them at 0 and "padding_offset".'
+            )
+        if self.position_numbering == "from_zero":
+            if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings <= 0:
+                raise ValueError(
+                    f"LunaConfig.max_position_embeddings must be a positive integer, got "
+                    f"{self.max_position_embeddings!r}."
+                )
+        elif self.max_position_embeddings <= self.pad_token_id + 1:
             raise ValueError(
                 f"LunaConfig.max_position_embeddings ({self.max_position_embeddings}) must exceed pad_token_id + 1 "
                 f"({self.pad_token_id + 1}): positions start after the padding index, so a model for n tokens needs "
@@ -221,7 +258,10 @@ class LunaConfig(PreTrainedConfig):
 
     @property
     def max_sequence_length(self) -> int:
-        """The longest input this model accepts: RoBERTa-style positions start after the padding index."""
+        """The longest input this model accepts: RoBERTa-style positions start after the padding index, BERT-style
+        ones (`position_numbering="from_zero"`) at 0."""
+        if self.position_numbering == "from_zero":
+            return self.max_position_embeddings
         return self.max_position_embeddings - self.pad_token_id - 1
 
     @property

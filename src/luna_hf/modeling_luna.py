@@ -125,15 +125,22 @@ class LunaDropout(nn.Dropout):
 
 class LunaEmbeddings(nn.Module):
     """Token states X as in RoBERTa (tokens + learned positions, LayerNorm, dropout) and the first layer's P (nested
-    attention; the learned-kernel attention has no P and gets None)."""
+    attention; the learned-kernel attention has no P and gets None). A converted BERT adds its token types and numbers
+    positions from 0 (`config.type_vocab_size`, `config.position_numbering`)."""
 
     def __init__(self, config: LunaConfig):
         super().__init__()
         self.padding_idx = config.pad_token_id
+        self.position_numbering = config.position_numbering
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=self.padding_idx)
+        # BERT's positions have no padding row: its row pad_token_id (0) is position 0, which must keep its gradient.
+        position_padding_idx = self.padding_idx if config.position_numbering == "padding_offset" else None
         self.position_embeddings = nn.Embedding(
-            config.max_position_embeddings, config.hidden_size, padding_idx=self.padding_idx
+            config.max_position_embeddings, config.hidden_size, padding_idx=position_padding_idx
         )
+        self.token_type_embeddings = None
+        if config.type_vocab_size > 0:
+            self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         # P is itself a learned positional embedding (paper §3.1): no position term, its own LayerNorm.
         self.projected_embeddings = self.projected_layer_norm = None
@@ -142,13 +149,21 @@ class LunaEmbeddings(nn.Module):
             self.projected_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LunaDropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, inputs_embeds, token_mask, slot_mask):
+    def forward(self, input_ids, inputs_embeds, token_mask, slot_mask, token_type_ids=None):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         batch_size = inputs_embeds.shape[0]
-        # fairseq's `make_positions` read from the attention mask, not from pad ids: real tokens are numbered from
-        # padding_idx + 1, padded positions take the (zero) padding row, whatever id or embedding fills them.
-        position_ids = torch.cumsum(token_mask, dim=1) * token_mask + self.padding_idx
+        if self.position_numbering == "padding_offset":
+            # fairseq's `make_positions` read from the attention mask, not from pad ids: real tokens are numbered from
+            # padding_idx + 1, padded positions take the (zero) padding row, whatever id or embedding fills them.
+            position_ids = torch.cumsum(token_mask, dim=1) * token_mask + self.padding_idx
+        else:  # BERT's 0..n-1 over the real tokens; padded positions take row 0 (their states are zeroed below)
+            position_ids = (torch.cumsum(token_mask, dim=1) - 1).clamp(min=0) * token_mask
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(token_mask)
+            # BERT's order of the sums, so that a converted BERT's embeddings are BERT's to the last bit.
+            inputs_embeds = inputs_embeds + self.token_type_embeddings(token_type_ids)
         hidden_states = self.layer_norm(inputs_embeds + self.position_embeddings(position_ids))
         hidden_states = self.dropout(hidden_states) * token_mask.unsqueeze(-1).to(hidden_states.dtype)
         if self.projected_embeddings is None:
@@ -403,6 +418,7 @@ class LunaModel(LunaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> LunaModelOutput:
         r"""
@@ -413,10 +429,18 @@ class LunaModel(LunaPreTrainedModel):
             the padded positions. Without it every position is a real token.
         inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
             token embeddings instead of `input_ids`.
+        token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): BERT's segment ids
+            (0 for the first sentence, 1 for the second), for models with `config.type_vocab_size > 0` (a converted
+            BERT); all 0 when omitted.
         """
         token_mask = self.validate_inputs(input_ids, attention_mask, inputs_embeds)
+        if token_type_ids is not None and self.config.type_vocab_size == 0:
+            raise ValueError(
+                "token_type_ids were given, but this model has no token-type embeddings (config.type_vocab_size=0, "
+                "as RoBERTa's tokenizer and every Luna pretrained from scratch): leave them out."
+            )
         slot_mask = self.projected_slot_mask(token_mask) if self.config.attention_type == "nested" else None
-        hidden_states, packed_states = self.embeddings(input_ids, inputs_embeds, token_mask, slot_mask)
+        hidden_states, packed_states = self.embeddings(input_ids, inputs_embeds, token_mask, slot_mask, token_type_ids)
 
         if self.config.attention_type == "nested":
             # Pack: P (queries) over X (keys), X's padding masked. Unpack: X over P, P's unused slots masked.
@@ -564,12 +588,13 @@ class LunaForMaskedLM(LunaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         r"""labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): token ids to predict,
         -100 where no prediction is scored. With `config.sparse_prediction`, the logits are then those of the
         labelled positions only, `(number of labelled tokens, vocab_size)`."""
-        outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
+        outputs = self.luna(input_ids, attention_mask, inputs_embeds, token_type_ids, return_dict=True, **kwargs)
         hidden_states = outputs.last_hidden_state
         if self.config.sparse_prediction and labels is not None:
             # As ModernBERT: the head (n x vocab_size logits, a large share of a pretraining step) runs only where a
@@ -600,11 +625,12 @@ class LunaForSequenceClassification(LunaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
         r"""labels (`torch.Tensor` of shape `(batch_size,)`, *optional*): class ids, float targets for regression
         (`num_labels == 1`), or multi-hot floats for multi-label classification (`config.problem_type`)."""
-        outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
+        outputs = self.luna(input_ids, attention_mask, inputs_embeds, token_type_ids, return_dict=True, **kwargs)
         logits = self.classifier(outputs)
         loss = None
         if labels is not None:
@@ -635,6 +661,7 @@ class LunaForMultipleChoice(LunaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultipleChoiceModelOutput:
         r"""input_ids (`torch.LongTensor` of shape `(batch_size, num_choices, sequence_length)`): one row per choice.
@@ -644,6 +671,7 @@ class LunaForMultipleChoice(LunaPreTrainedModel):
             input_ids.flatten(0, 1) if input_ids is not None else None,
             attention_mask.flatten(0, 1) if attention_mask is not None else None,
             inputs_embeds.flatten(0, 1) if inputs_embeds is not None else None,
+            token_type_ids.flatten(0, 1) if token_type_ids is not None else None,
             return_dict=True,
             **kwargs,
         )
@@ -673,11 +701,12 @@ class LunaForTokenClassification(LunaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         r"""labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): class id per token,
         -100 where no prediction is scored."""
-        outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
+        outputs = self.luna(input_ids, attention_mask, inputs_embeds, token_type_ids, return_dict=True, **kwargs)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -702,10 +731,11 @@ class LunaForQuestionAnswering(LunaPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         r"""start_positions, end_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*): answer span."""
-        outputs = self.luna(input_ids, attention_mask, inputs_embeds, return_dict=True, **kwargs)
+        outputs = self.luna(input_ids, attention_mask, inputs_embeds, token_type_ids, return_dict=True, **kwargs)
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(dim=-1)
         loss = None
         if start_positions is not None and end_positions is not None:

@@ -1,0 +1,382 @@
+"""scripts/convert_to_luna.py and scripts/transfer_attention.py on tiny random BERT and RoBERTa models built here."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from hub_fixture import run_python
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForMultipleChoice,
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    BertTokenizer,
+    DistilBertConfig,
+    DistilBertModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForMultipleChoice,
+    RobertaForSequenceClassification,
+    RobertaModel,
+)
+
+import luna_hf
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))  # transfer_attention imports convert_to_luna
+convert_script = importlib.import_module("convert_to_luna")
+transfer_script = importlib.import_module("transfer_attention")
+
+WORDS = ["the", "film", "is", "good", "bad", "a", "very", "movie", "not", "great", "dull", "fun"]
+LABELS = {
+    "id2label": {0: "negative", 1: "positive", 2: "neutral"},
+    "label2id": {"negative": 0, "positive": 1, "neutral": 2},
+}
+
+
+def bert_config(**overrides):
+    settings = dict(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=32, type_vocab_size=2, pad_token_id=0,
+                    layer_norm_eps=1e-12, **LABELS)  # fmt: skip
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+def roberta_config(**overrides):
+    settings = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=34, type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5,
+                    **LABELS)  # fmt: skip
+    settings.update(overrides)
+    return RobertaConfig(**settings)
+
+
+def save_source(model_class, config, folder: Path, with_tokenizer: bool = True) -> nn.Module:
+    """A random model (its token-type rows and biases made non-zero, so that dropping one would show, and its
+    attention peaked) and, for BERT, a WordPiece tokenizer over WORDS."""
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "token_type" in name:
+                parameter.normal_(0.0, 0.1)
+            if name.endswith(("query.weight", "key.weight")):  # peaked attention, far from uniform
+                parameter.normal_(0.0, 0.5)
+            if name.endswith(("value.weight", "attention.output.dense.weight")):  # attention outputs of order 1
+                parameter.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    if with_tokenizer and config.model_type == "bert":
+        vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+        BertTokenizer(vocab=vocab).save_pretrained(folder)
+    return model
+
+
+def convert(source: Path, output: Path, attention="learned_kernel", **options) -> Path:
+    arguments = ["--model_name_or_path", str(source), "--output_dir", str(output), "--attention", attention]
+    for name, value in options.items():
+        arguments += [f"--{name}", str(value)]
+    (args,) = convert_script.HfArgumentParser(convert_script.Arguments).parse_args_into_dataclasses(args=arguments)
+    return convert_script.convert(args)
+
+
+def softmax_attention(attention: luna_hf.modeling_luna_attention.LearnedKernelAttention):
+    """A test-only forward for a learned-kernel attention that computes softmax attention with its own projections,
+    as BERT does: with it, a converted model must compute exactly what the original computes."""
+
+    def forward(hidden_states, token_mask, **kwargs):
+        query, key, value = (
+            attention.split_heads(projection(hidden_states))
+            for projection in (attention.q_proj, attention.k_proj, attention.v_proj)
+        )
+        scores = query @ key.mT * attention.head_dim**-0.5
+        scores = scores.masked_fill(token_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        output = scores.softmax(dim=-1) @ value
+        return attention.o_proj(output.transpose(1, 2).flatten(2)), None
+
+    return forward
+
+
+def inputs_with_padding(vocab_size, first_id, token_types: bool):
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(first_id, vocab_size, (3, 9), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    attention_mask[2, 4:] = 0
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_types:
+        inputs["token_type_ids"] = (torch.arange(9) >= 4).long().expand(3, -1).clone()
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "model_class, luna_class",
+    [
+        (BertModel, luna_hf.LunaModel),
+        (BertForMaskedLM, luna_hf.LunaForMaskedLM),
+        (BertForPreTraining, luna_hf.LunaForMaskedLM),
+        (BertForSequenceClassification, luna_hf.LunaForSequenceClassification),
+        (BertForTokenClassification, luna_hf.LunaForTokenClassification),
+        (BertForQuestionAnswering, luna_hf.LunaForQuestionAnswering),
+        (BertForMultipleChoice, luna_hf.LunaForMultipleChoice),
+        (RobertaModel, luna_hf.LunaModel),
+        (RobertaForMaskedLM, luna_hf.LunaForMaskedLM),
+        (RobertaForSequenceClassification, luna_hf.LunaForSequenceClassification),
+        (RobertaForMultipleChoice, luna_hf.LunaForMultipleChoice),
+    ],
+)
+def test_learned_kernel_with_softmax_computes_the_original(tmp_path, model_class, luna_class):
+    """Every carried-over tensor (embeddings with token types and position numbering, LayerNorms, FFN, q/k/v/o, the
+    head): with the learned kernel swapped for softmax, the converted model's outputs are the original's."""
+    is_bert = model_class.__name__.startswith("Bert")
+    config = bert_config() if is_bert else roberta_config()
+    if model_class is BertForQuestionAnswering:  # start and end
+        config = bert_config(id2label={0: "start", 1: "end"}, label2id={"start": 0, "end": 1})
+    original = save_source(model_class, config, tmp_path / "source")
+    converted = luna_class.from_pretrained(convert(tmp_path / "source", tmp_path / "luna")).eval()
+    assert type(converted) is luna_class
+    assert converted.config.id2label == original.config.id2label
+    for layer in converted.base_model.layers:
+        layer.attention.forward = softmax_attention(layer.attention)
+
+    inputs = inputs_with_padding(original.config.vocab_size, 5 if is_bert else 3, token_types=is_bert)
+    if model_class in (BertForMultipleChoice, RobertaForMultipleChoice):
+        inputs = {name: tensor.unsqueeze(0).expand(2, -1, -1).contiguous() for name, tensor in inputs.items()}
+    with torch.no_grad():
+        expected, actual = original(**inputs), converted(**inputs)
+    real = inputs["attention_mask"].bool()
+    if model_class in (BertModel, RobertaModel):
+        torch.testing.assert_close(actual.last_hidden_state[real], expected.last_hidden_state[real])
+    elif model_class is BertForPreTraining:
+        torch.testing.assert_close(actual.logits[real], expected.prediction_logits[real])
+    elif model_class is BertForQuestionAnswering:
+        torch.testing.assert_close(actual.start_logits[real], expected.start_logits[real])
+        torch.testing.assert_close(actual.end_logits[real], expected.end_logits[real])
+    elif actual.logits.dim() == 3:  # per token
+        torch.testing.assert_close(actual.logits[real], expected.logits[real])
+    else:
+        torch.testing.assert_close(actual.logits, expected.logits)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_embeddings_and_layers_outside_attention_are_exact(tmp_path, family):
+    """Bit for bit: the embeddings (BERT's token types and 0..n-1 positions; RoBERTa's positions after the padding
+    index), and each layer given the original's attention output."""
+    if family == "bert":
+        original = save_source(BertModel, bert_config(), tmp_path / "source")
+    else:
+        original = save_source(RobertaModel, roberta_config(), tmp_path / "source")
+    converted = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "luna")).eval()
+    inputs = inputs_with_padding(original.config.vocab_size, 5 if family == "bert" else 3, family == "bert")
+    real = inputs["attention_mask"].bool()
+    attention_outputs = []
+    for layer in original.encoder.layer:
+        layer.attention.output.dense.register_forward_hook(
+            lambda module, args, output: attention_outputs.append(output)
+        )
+    with torch.no_grad():
+        expected = original(**inputs, output_hidden_states=True).hidden_states
+        token_types = {"token_type_ids": inputs["token_type_ids"]} if family == "bert" else {}
+        embeddings, _ = converted.embeddings(inputs["input_ids"], None, inputs["attention_mask"], None, **token_types)
+        assert torch.equal(embeddings[real], expected[0][real])
+        for index, layer in enumerate(converted.layers):
+            layer.attend = lambda *args, index=index, **kwargs: (attention_outputs[index], None)
+            output, _ = layer(expected[index], None, inputs["attention_mask"], None)
+            assert torch.equal(output[real], expected[index + 1][real])
+
+
+def test_nested_conversion_loads_and_runs(tmp_path):
+    save_source(BertForSequenceClassification, bert_config(), tmp_path / "source")
+    folder = convert(tmp_path / "source", tmp_path / "luna", attention="nested", projected_length=4)
+    model = luna_hf.LunaForSequenceClassification.from_pretrained(folder).eval()
+    assert model.config.attention_type == "nested" and model.config.projected_length == 4
+    assert not model.config.tie_key_value
+    layer = model.luna.layers[0]
+    # The unpack values are the packed context as it is; the unpack keys map BERT's values to its keys.
+    assert torch.equal(layer.unpack_attention.v_proj.weight, torch.eye(32))
+    source = BertForSequenceClassification.from_pretrained(tmp_path / "source")
+    source_attention = source.bert.encoder.layer[0].attention.self
+    tokens = torch.randn(5, 32)
+    values = source_attention.value(tokens)
+    torch.testing.assert_close(
+        layer.unpack_attention.k_proj(values), source_attention.key(tokens), atol=1e-4, rtol=1e-4
+    )
+    inputs = inputs_with_padding(model.config.vocab_size, 5, token_types=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (3, 3) and torch.isfinite(logits).all()
+
+
+def test_extended_positions_copy_the_learned_ones(tmp_path):
+    original = save_source(BertModel, bert_config(), tmp_path / "source")
+    folder = convert(tmp_path / "source", tmp_path / "luna", max_position_embeddings=80)
+    model = luna_hf.LunaModel.from_pretrained(folder).eval()
+    learned = original.embeddings.position_embeddings.weight
+    positions = model.embeddings.position_embeddings.weight
+    assert positions.shape == (80, 32) and model.config.max_sequence_length == 80
+    assert torch.equal(positions[:32], learned) and torch.equal(positions[32:64], learned)
+    assert torch.equal(positions[64:], learned[:16])
+    with torch.no_grad():
+        assert model(torch.randint(5, 17, (1, 70))).last_hidden_state.shape == (1, 70, 32)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 80
+
+    save_source(RobertaModel, roberta_config(), tmp_path / "roberta")
+    model = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "roberta", tmp_path / "luna-roberta",
+                                                      max_position_embeddings=66))  # fmt: skip
+    learned = RobertaModel.from_pretrained(tmp_path / "roberta").embeddings.position_embeddings.weight
+    positions = model.embeddings.position_embeddings.weight
+    assert torch.equal(positions[:34], learned) and torch.equal(positions[34:66], learned[2:34])
+    assert model.config.max_sequence_length == 64
+
+
+def test_converted_folder_loads_through_remote_code_without_luna_hf(tmp_path):
+    save_source(BertForSequenceClassification, bert_config(), tmp_path / "source")
+    folder = convert(tmp_path / "source", tmp_path / "luna")
+    model = luna_hf.LunaForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = BertTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        expected = model(**tokenizer(["the film is good", "not fun"], ["very dull", "a movie"],
+                                     return_tensors="pt", padding=True)).logits  # fmt: skip
+    code = f"""
+import json, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+inputs = tokenizer(["the film is good", "not fun"], ["very dull", "a movie"], return_tensors="pt", padding=True)
+with torch.no_grad():
+    logits = model(**inputs).logits
+print(json.dumps({{"module": type(model).__module__, "logits": logits.tolist(), "labels": model.config.id2label}}))
+"""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    result = run_python(code, environment, without_luna_hf=True)
+    assert not result["module"].startswith("luna_hf")
+    assert result["labels"] == {"0": "negative", "1": "positive", "2": "neutral"}
+    torch.testing.assert_close(torch.tensor(result["logits"]), expected)
+
+
+@pytest.mark.parametrize("attention, learning_rate", [("learned_kernel", "1e-2"), ("nested", "1e-3")])
+def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(tmp_path, attention, learning_rate):
+    save_source(BertForSequenceClassification, bert_config(), tmp_path / "source")
+    folder = convert(tmp_path / "source", tmp_path / "luna", attention=attention, projected_length=4)
+    generator = torch.Generator().manual_seed(2)
+    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (8,), generator=generator)) for _ in range(64)]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{line}\t0\n" for line in lines))
+
+    def per_layer_loss(model_dir):
+        student = luna_hf.LunaForSequenceClassification.from_pretrained(model_dir)
+        transfer = transfer_script.AttentionTransfer(student.base_model, BertModel.from_pretrained(tmp_path / "source"))
+        inputs = BertTokenizer.from_pretrained(model_dir)(lines[:16], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            return transfer(**inputs)["layer_losses"], student.state_dict()
+
+    before, converted_state = per_layer_loss(folder)
+
+    def transfer(destination, *extra):
+        transfer_script.main([
+            "--model_name_or_path", str(folder), "--teacher_name_or_path", str(tmp_path / "source"),
+            "--train_file", str(tmp_path / "train.tsv"), "--transferred_model_dir", str(tmp_path / destination),
+            "--output_dir", str(tmp_path / "checkpoints"), "--max_steps", "30", "--learning_rate", learning_rate,
+            "--per_device_train_batch_size", "16", "--save_steps", "15", "--report_to", "none", "--seed", "0",
+            "--use_cpu", "--disable_tqdm", "true", *extra,
+        ])  # fmt: skip
+
+    transfer("transferred")
+    assert "attention transferred from source" in (tmp_path / "transferred" / "README.md").read_text()
+    after, transferred_state = per_layer_loss(tmp_path / "transferred")
+    assert (after < before).all(), (before, after)
+    changed = {name for name, tensor in converted_state.items() if not torch.equal(transferred_state[name], tensor)}
+    new = {name for name in converted_state if convert_script.is_new_attention_parameter(name, attention)}
+    assert changed and changed <= new, changed - new
+    # Resumed from the middle, the run ends where the uninterrupted one did.
+    transfer("resumed", "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-15"))
+    _, resumed_state = per_layer_loss(tmp_path / "resumed")
+    for name in new:
+        torch.testing.assert_close(resumed_state[name], transferred_state[name])
+    # ... and it did read the checkpoint: from altered weights it ends elsewhere.
+    checkpoint_weights = tmp_path / "checkpoints" / "checkpoint-15" / "model.safetensors"
+    weights = safetensors.torch.load_file(checkpoint_weights)
+    safetensors.torch.save_file({name: tensor + 0.1 for name, tensor in weights.items()}, checkpoint_weights)
+    transfer("resumed-altered", "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-15"))
+    _, altered_state = per_layer_loss(tmp_path / "resumed-altered")
+    assert any(not torch.equal(altered_state[name], transferred_state[name]) for name in new)
+
+
+def test_bad_input_is_refused_and_writes_nothing(tmp_path):
+    DistilBertModel(DistilBertConfig(vocab_size=20, dim=32, n_layers=1, n_heads=4, hidden_dim=64)).save_pretrained(
+        tmp_path / "distilbert"
+    )
+    with pytest.raises(convert_script.ConversionError, match="supports BertModel, BertForMaskedLM.*RobertaModel"):
+        convert(tmp_path / "distilbert", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    bert_config(architectures=["BertModel"]).save_pretrained(tmp_path / "no-weights")
+    with pytest.raises(convert_script.ConversionError, match="has no weights"):
+        convert(tmp_path / "no-weights", tmp_path / "out")
+
+    save_source(BertModel, bert_config(), tmp_path / "source")
+    with pytest.raises(convert_script.ConversionError, match="below the original's 32"):
+        convert(tmp_path / "source", tmp_path / "out", max_position_embeddings=16)
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(convert_script.ConversionError, match="exists"):
+        convert(tmp_path / "source", tmp_path / "existing")
+
+    save_source(BertModel, bert_config(vocab_size=10), tmp_path / "small-vocab")  # 17 tokens in the tokenizer
+    with pytest.raises(convert_script.ConversionError, match="tokenizer .* does not match the model"):
+        convert(tmp_path / "small-vocab", tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "distilbert", "existing", "no-weights", "small-vocab", "source",
+    ]  # fmt: skip
+
+
+def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
+    save_source(BertModel, bert_config(), tmp_path / "source")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_script, "write_card", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path / "source", tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]
+
+
+def test_conversion_is_seeded(tmp_path):
+    save_source(BertModel, bert_config(), tmp_path / "source")
+    first = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "first")).state_dict()
+    second = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "second")).state_dict()
+    other = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "other", seed=1)).state_dict()
+    feature_maps = [name for name in first if "feature_map" in name]
+    assert feature_maps and all(torch.equal(first[name], second[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in feature_maps)
+
+
+def test_interrupted_transfer_leaves_no_folder(tmp_path, monkeypatch):
+    save_source(BertModel, bert_config(), tmp_path / "source")
+    model = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "luna"))
+    tokenizer = BertTokenizer.from_pretrained(tmp_path / "luna")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        transfer_script.save_atomically(model, tokenizer, tmp_path / "transferred")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["luna", "source"]
+
+
+def test_bfloat16_source_converts_to_float32(tmp_path):
+    original = save_source(BertModel, bert_config(), tmp_path / "float32")
+    original.to(torch.bfloat16).save_pretrained(tmp_path / "source")
+    model = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "luna", attention="nested"))
+    assert model.dtype == torch.float32
+    assert torch.equal(model.embeddings.word_embeddings.weight, original.embeddings.word_embeddings.weight.float())
