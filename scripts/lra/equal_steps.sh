@@ -5,7 +5,7 @@
 # runs at a time. Results are appended to benchmarks/results/lra/equal_steps.jsonl; an interrupted run continues
 # when the same command is given again.
 #
-#   scripts/lra/equal_steps.sh TASK MODEL SEED      # TASK: image | listops | pathfinder
+#   scripts/lra/equal_steps.sh TASK MODEL SEED      # TASK: image | listops | text | retrieval | pathfinder
 #                                                  # MODEL: transformer | luna | luna-pmean | learned-kernel
 set -euo pipefail
 
@@ -16,6 +16,8 @@ main() {
   case $task in
     image)      settings=(image 1024 16 600 60 1e-3) ;;
     listops)    settings=(listops512 512 32 1000 100 1e-3) ;;
+    text)       settings=(text 1024 16 1200 120 1e-3) ;;
+    retrieval)  settings=(retrieval 512 16 2000 200 2e-3) ;;  # 512 bytes per document, two documents per example
     pathfinder) settings=(pathfinder 1024 16 600 60 2e-3) ;;
     *) echo "No equal-step settings for task '$task' (see docs/lra.md)." >&2; exit 2 ;;
   esac
