@@ -131,7 +131,13 @@ class LunaSeq2SeqPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        std = self.config.hidden_size**-0.5  # the authors' N(0, C^-1/2) for embeddings and P
+        # The authors' fairseq initialisation: Xavier-uniform linear maps with zero biases (they use gain 1/sqrt(2) on
+        # the attentions' query, key and value projections), N(0, C^-1/2) embeddings and P.
+        std = self.config.hidden_size**-0.5
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         if isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None:
