@@ -16,6 +16,11 @@ import hub_fixture  # noqa: E402
 from fairseq_mt_reference import FairseqLunaMT  # noqa: E402
 
 from luna_hf import LunaForConditionalGeneration, LunaSeq2SeqConfig, LunaSeq2SeqModel  # noqa: E402
+from luna_hf.modeling_luna_seq2seq import (  # noqa: E402
+    LunaSeq2SeqEncoderOutput,
+    pack_attention_mask,
+    unpack_attention_mask,
+)
 
 PAD, EOS, VOCAB = 1, 2, 40
 
@@ -132,10 +137,9 @@ def test_matches_the_authors_model_layer_by_layer_and_whole(variant):
         token_mask, token_count = torch.ones(2, 5, dtype=torch.long), torch.arange(1, 6).expand(2, -1)
         decoder = model.model.decoder
         slot_mask = encoded.packed_attention_mask
-        from luna_hf.modeling_luna_seq2seq import luna_attention_masks
-
-        masks = luna_attention_masks(
-            model.config, encoded.last_hidden_state, hidden, encoded.packed_hidden_state, source_mask, slot_mask
+        masks = (
+            pack_attention_mask(model.config, encoded.packed_hidden_state, encoded.last_hidden_state, source_mask),
+            unpack_attention_mask(model.config, hidden, encoded.packed_hidden_state, slot_mask),
         )
         x, p = decoder.layers[0](
             hidden, encoded.packed_hidden_state, encoded.last_hidden_state, (*masks, slot_mask), token_mask, token_count
@@ -156,11 +160,17 @@ def test_cached_decoding_equals_the_full_forward_and_the_authors_incremental_dec
     with torch.no_grad():
         full = model(input_ids=source, attention_mask=source_mask, decoder_input_ids=decoder_ids).logits
         encoder_outputs = model.get_encoder()(source, source_mask)
+        # After the first call the source is not read again: hand the later steps NaN for the encoder's states.
+        unread = LunaSeq2SeqEncoderOutput(
+            last_hidden_state=torch.full_like(encoder_outputs.last_hidden_state, float("nan")),
+            packed_hidden_state=torch.full_like(encoder_outputs.packed_hidden_state, float("nan")),
+            packed_attention_mask=encoder_outputs.packed_attention_mask,
+        )
         cache, steps = None, []
         for start, stop in [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]:  # a 2-token prefill, then one token per step
             out = model(
                 attention_mask=source_mask,
-                encoder_outputs=encoder_outputs,
+                encoder_outputs=encoder_outputs if start == 0 else unread,
                 decoder_input_ids=decoder_ids[:, start:stop],
                 cache=cache,
                 use_cache=True,

@@ -199,9 +199,8 @@ class LunaSeq2SeqEncoder(LunaSeq2SeqPreTrainedModel):
             packed_states = packed_states + sinusoidal_embeddings(slots, self.config.hidden_size).to(packed_states)
         packed_states = self.dropout(packed_states.expand(token_mask.shape[0], -1, -1))
 
-        key_mask, unpack_mask = luna_attention_masks(
-            self.config, hidden_states, hidden_states, packed_states, token_mask, slot_mask
-        )
+        key_mask = pack_attention_mask(self.config, packed_states, hidden_states, token_mask)
+        unpack_mask = unpack_attention_mask(self.config, hidden_states, packed_states, slot_mask)
         for layer in self.layers:
             hidden_states, packed_states = layer(hidden_states, packed_states, key_mask, unpack_mask, **kwargs)
         if self.config.normalize_before:
@@ -212,16 +211,19 @@ class LunaSeq2SeqEncoder(LunaSeq2SeqPreTrainedModel):
         )
 
 
-def luna_attention_masks(config, context, queries, packed_states, context_mask, slot_mask):
-    """The pack attention's mask (P over `context`, its padding masked) and the unpack attention's (`queries` over P,
-    the unused slots masked), in the form of the configured attention implementation."""
-    pack_mask = create_bidirectional_mask(
+def pack_attention_mask(config, packed_states, context, context_mask):
+    """The pack attention's mask: P (queries) over `context` (keys), the context's padding masked, in the form of the
+    configured attention implementation."""
+    return create_bidirectional_mask(
         config=config, inputs_embeds=packed_states, attention_mask=context_mask, encoder_hidden_states=context
     )
-    unpack_mask = create_bidirectional_mask(
+
+
+def unpack_attention_mask(config, queries, packed_states, slot_mask):
+    """The unpack attention's mask: `queries` over P, the unused slots of P masked."""
+    return create_bidirectional_mask(
         config=config, inputs_embeds=queries, attention_mask=slot_mask, encoder_hidden_states=packed_states
     )
-    return pack_mask, unpack_mask
 
 
 class LunaCrossAttention(nn.Module):
@@ -378,13 +380,17 @@ class LunaSeq2SeqDecoder(LunaSeq2SeqPreTrainedModel):
 
         encoder_hidden_states = encoder_outputs.last_hidden_state
         packed_states, slot_mask = encoder_outputs.packed_hidden_state, encoder_outputs.packed_attention_mask
-        if encoder_attention_mask is None:
-            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=tokens.device, dtype=torch.long)
-        pack_mask, unpack_mask = luna_attention_masks(
-            self.config, encoder_hidden_states, hidden_states, packed_states, encoder_attention_mask.long(), slot_mask
-        )
+        unpack_mask = unpack_attention_mask(self.config, hidden_states, packed_states, slot_mask)
+        pack_mask = None
         if cache is not None and cache.cross_attention_cache.has_previous_state(0, state_idx=CROSS_KEYS):
-            packed_states = None  # every layer's P-dependent states are in the cache
+            # Every layer's P-dependent states are in the cache: nothing below reads P or the source.
+            packed_states = encoder_hidden_states = None
+        else:
+            if encoder_attention_mask is None:
+                encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=tokens.device)
+            pack_mask = pack_attention_mask(
+                self.config, packed_states, encoder_hidden_states, encoder_attention_mask.long()
+            )
         for layer in self.layers:
             hidden_states, packed_states = layer(
                 hidden_states,
