@@ -116,6 +116,7 @@ VARIANTS = {
     "post_ln_tied_sinusoidal": {},
     "pre_ln_untied_learned": dict(normalize_before=True, tie_key_value=False, position_embedding_type="learned"),
     "fixed_projection_unscaled": dict(dynamic_projection=False, scale_embedding=False, projected_length=3),
+    "unshared_embeddings": dict(tie_word_embeddings=False),  # separate source, target and output matrices
 }
 
 
