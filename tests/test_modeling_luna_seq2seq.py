@@ -2,6 +2,8 @@
 (tests/fairseq_mt_reference.py, plain PyTorch from their parameter names), cached decoding, beam search, padding,
 the constant-size cache, saving and remote code, a copy task, and the errors."""
 
+import argparse
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hub_fixture  # noqa: E402
-from fairseq_mt_reference import FairseqLunaMT  # noqa: E402
+from fairseq_mt_reference import FairseqLunaMT, fairseq_sinusoidal_table  # noqa: E402
 
 from luna_hf import LunaForConditionalGeneration, LunaSeq2SeqConfig, LunaSeq2SeqModel  # noqa: E402
 from luna_hf.modeling_luna_seq2seq import (  # noqa: E402
@@ -23,6 +25,7 @@ from luna_hf.modeling_luna_seq2seq import (  # noqa: E402
 )
 
 PAD, EOS, VOCAB = 1, 2, 40
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_fairseq_luna_to_hf.py"
 
 
 def tiny_config(**kwargs) -> LunaSeq2SeqConfig:
@@ -322,3 +325,60 @@ def test_bad_inputs_and_configs_raise_clear_errors():
     ]:
         with pytest.raises(ValueError, match=message):
             tiny_config(**{field: value})
+
+
+def convert_script():
+    spec = importlib.util.spec_from_file_location("convert_fairseq_luna_to_hf", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def translation_checkpoint(path, arch, **overrides):
+    """A fairseq-apollo `luna` checkpoint at a tiny size: random weights under the authors' names (from a tiny model
+    with perturbed biases and LayerNorms), their buffers, and the training arguments as fairseq saves them."""
+    model = tiny_model(seed=6, tie_key_value=arch != "luna_base_untied")
+    state = fairseq_state(model)
+    state["encoder.projected_positions"] = fairseq_sinusoidal_table(4, 16, None)
+    for side in ("encoder", "decoder"):
+        state[f"{side}.version"] = torch.tensor([3.0])
+        state[f"{side}.embed_positions._float_tensor"] = torch.zeros(1)
+    args = dict(
+        arch=arch, task="translation", criterion="label_smoothed_cross_entropy", share_all_embeddings=True,
+        encoder_embed_dim=16, encoder_ffn_embed_dim=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, projection_length=4, max_source_positions=40,
+        max_target_positions=40, dropout=0.3, attention_dropout=0.1, label_smoothing=0.1,
+    )  # fmt: skip
+    torch.save({"model": state, "args": argparse.Namespace(**{**args, **overrides})}, path)
+    return state
+
+
+@pytest.mark.parametrize("arch", ["luna_base_tied", "luna_base_untied"])
+def test_converter_turns_an_authors_translation_checkpoint_into_the_same_model(tmp_path, arch):
+    script = convert_script()
+    state = translation_checkpoint(tmp_path / "model.pt", arch)
+    arguments = script.Arguments(fairseq_checkpoint=str(tmp_path / "model.pt"), output_dir=str(tmp_path / "hf"))
+    model = AutoModelForSeq2SeqLM.from_pretrained(script.convert(arguments)).eval()
+    assert type(model) is LunaForConditionalGeneration
+    config = model.config
+    assert (config.tie_key_value, config.hidden_dropout_prob, config.max_position_embeddings) == (
+        arch == "luna_base_tied", 0.3, 40)  # fmt: skip
+    assert (config.projected_length, config.hidden_act, config.position_embedding_type) == (4, "relu", "sinusoidal")
+    source, source_mask = left_padded_source()
+    with torch.no_grad():
+        logits = model(input_ids=source, attention_mask=source_mask, decoder_input_ids=target()).logits
+    expected = FairseqLunaMT(state, num_heads=2).forward(source, target())
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_converter_refuses_translation_arguments_that_disagree_with_the_tensors(tmp_path):
+    script = convert_script()
+    for name, overrides, message in [
+        ("projection", dict(projection_length=8), "projection_length 8 vs 4"),
+        ("embeddings", dict(layernorm_embedding=True), "--layernorm-embedding"),
+    ]:
+        translation_checkpoint(tmp_path / f"{name}.pt", "luna_base_tied", **overrides)
+        arguments = script.Arguments(fairseq_checkpoint=str(tmp_path / f"{name}.pt"), output_dir=str(tmp_path / name))
+        with pytest.raises(script.ConversionError, match=re.escape(message)):
+            script.convert(arguments)
+        assert not (tmp_path / name).exists()
