@@ -300,6 +300,21 @@ def test_a_tiny_model_learns_to_reverse_sequences():
     assert correct.float().mean() >= 0.9 and correct.all(dim=1).float().mean() >= 0.75, (correct, loss.item())
 
 
+@pytest.mark.parametrize("tied, extra", [(True, 4_740_096), (False, 12_619_776)])
+def test_default_model_has_the_papers_parameter_count(tied, extra):
+    """Table 4: Luna (l = 32) over Transformer-base (shared embeddings, sinusoidal positions), +4.74M tied and
+    +12.62M untied, plus P (32 x 512). Transformer-base counted here from its layers."""
+    d, ffn, vocab = 512, 2048, 1000
+    linear = d * d + d
+    feed_forward = d * ffn + ffn + ffn * d + d
+    encoder_layer = 4 * linear + 2 * 2 * d + feed_forward  # attention, 2 LayerNorms, FFN
+    decoder_layer = 8 * linear + 3 * 2 * d + feed_forward  # self- and cross-attention, 3 LayerNorms, FFN
+    transformer_base = vocab * d + 6 * encoder_layer + 6 * decoder_layer
+    with torch.device("meta"):
+        model = LunaForConditionalGeneration(LunaSeq2SeqConfig(vocab_size=vocab, tie_key_value=tied))
+    assert model.num_parameters() == transformer_base + extra + 32 * d
+
+
 def test_bad_inputs_and_configs_raise_clear_errors():
     model = tiny_model()
     too_long = torch.randint(3, VOCAB, (1, 41))
