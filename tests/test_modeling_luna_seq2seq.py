@@ -199,6 +199,16 @@ def test_generation_with_and_without_cache_gives_the_same_sequences():
         assert runs[0].shape[1] == 9 and torch.equal(runs[0], runs[1]), options
 
 
+def test_beam_search_needs_the_cache_reordered(monkeypatch):
+    """The control for the test above: with `reorder_cache` disabled the cached beams read other beams' states."""
+    model = tiny_model(seed=3)
+    source, source_mask = left_padded_source()
+    options = dict(attention_mask=source_mask, max_new_tokens=8, min_new_tokens=8, num_beams=3, num_return_sequences=2)
+    expected = model.generate(source, use_cache=False, **options)
+    monkeypatch.setattr(EncoderDecoderCache, "reorder_cache", lambda self, beam_idx: None)
+    assert not torch.equal(model.generate(source, **options), expected)
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_padded_source_batches_generate_as_one_by_one(padding_side):
     model = tiny_model(seed=4)
