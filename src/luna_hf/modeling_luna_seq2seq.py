@@ -359,6 +359,27 @@ class LunaSeq2SeqDecoder(LunaSeq2SeqPreTrainedModel):
                 "The decoder needs exactly one of decoder_input_ids or decoder_inputs_embeds, with at least one "
                 "token per row: start the target with config.decoder_start_token_id (or pass labels)."
             )
+        token_mask, token_count = self.count_tokens(tokens, attention_mask, cache)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        position_ids = token_count * token_mask + self.config.pad_token_id
+        hidden_states = self.embed_scale * inputs_embeds + self.embed_positions(position_ids, inputs_embeds.dtype)
+        hidden_states = self.dropout(hidden_states)
+
+        packed_states, encoder_hidden_states, masks = self.source_inputs(
+            hidden_states, encoder_outputs, encoder_attention_mask, cache
+        )
+        for layer in self.layers:
+            hidden_states, packed_states = layer(
+                hidden_states, packed_states, encoder_hidden_states, masks, token_mask, token_count, cache=cache
+            )
+        if self.config.normalize_before:
+            hidden_states = self.layer_norm(hidden_states)
+        return hidden_states
+
+    def count_tokens(self, tokens, attention_mask, cache):
+        """The target's token mask (1 = real token) and, per position, the real tokens up to it, cached ones
+        included: the decoder's positions and the causal attention's 1/t."""
         token_mask = torch.ones_like(tokens, dtype=torch.long)
         if attention_mask is not None:
             token_mask = attention_mask[:, -tokens.shape[1] :].long()
@@ -372,38 +393,23 @@ class LunaSeq2SeqDecoder(LunaSeq2SeqPreTrainedModel):
                 f"max_position_embeddings={self.config.max_position_embeddings}: shorten the target, or generate "
                 f"with max_length <= {self.config.max_position_embeddings}."
             )
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        position_ids = token_count * token_mask + self.config.pad_token_id
-        hidden_states = self.embed_scale * inputs_embeds + self.embed_positions(position_ids, inputs_embeds.dtype)
-        hidden_states = self.dropout(hidden_states)
+        return token_mask, token_count
 
-        encoder_hidden_states = encoder_outputs.last_hidden_state
+    def source_inputs(self, hidden_states, encoder_outputs, encoder_attention_mask, cache):
+        """P, the source, and the cross-attention's pack and unpack masks with P's slot mask. Once the cache holds
+        every layer's P-dependent states, P and the source are None and no pack mask is built: a decoding step
+        reads neither."""
         packed_states, slot_mask = encoder_outputs.packed_hidden_state, encoder_outputs.packed_attention_mask
         unpack_mask = unpack_attention_mask(self.config, hidden_states, packed_states, slot_mask)
-        pack_mask = None
         if cache is not None and cache.cross_attention_cache.has_previous_state(0, state_idx=CROSS_KEYS):
-            # Every layer's P-dependent states are in the cache: nothing below reads P or the source.
-            packed_states = encoder_hidden_states = None
-        else:
-            if encoder_attention_mask is None:
-                encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=tokens.device)
-            pack_mask = pack_attention_mask(
-                self.config, packed_states, encoder_hidden_states, encoder_attention_mask.long()
-            )
-        for layer in self.layers:
-            hidden_states, packed_states = layer(
-                hidden_states,
-                packed_states,
-                encoder_hidden_states,
-                (pack_mask, unpack_mask, slot_mask),
-                token_mask,
-                token_count,
-                cache=cache,
-            )
-        if self.config.normalize_before:
-            hidden_states = self.layer_norm(hidden_states)
-        return hidden_states
+            return None, None, (None, unpack_mask, slot_mask)
+        encoder_hidden_states = encoder_outputs.last_hidden_state
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=hidden_states.device)
+        pack_mask = pack_attention_mask(
+            self.config, packed_states, encoder_hidden_states, encoder_attention_mask.long()
+        )
+        return packed_states, encoder_hidden_states, (pack_mask, unpack_mask, slot_mask)
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
