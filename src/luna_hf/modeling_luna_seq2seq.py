@@ -24,9 +24,7 @@ Copied next to saved checkpoints for `trust_remote_code`: it imports only torch,
 """
 
 import math
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,7 +41,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_luna_seq2seq import LunaSeq2SeqConfig
-from .modeling_luna import GELU_APPROXIMATIONS, LunaDropout, LunaLayer, LunaModel
+from .modeling_luna import GELU_APPROXIMATIONS, LunaDropout, LunaLayer, LunaModel, save_with_code
 from .modeling_luna_attention import TOKEN_COUNT, LunaAttention, LunaCausalAttention, write_recurrent_states
 
 LUNA_SEQ2SEQ_AUTO_MAP = {
@@ -120,13 +118,15 @@ class LunaSeq2SeqPreTrainedModel(PreTrainedModel):
     _is_stateful = True  # the causal running sums cannot be rolled back
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        self.config.auto_map = dict(LUNA_SEQ2SEQ_AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if self._auto_class is not None:  # transformers has written the remote code: complete it
-            code_directory = Path(__file__).parent
-            for name in LUNA_SEQ2SEQ_CODE_FILES:
-                if (code_directory / name).is_file() and not (Path(save_directory) / name).is_file():
-                    shutil.copyfile(code_directory / name, Path(save_directory) / name)
+        save_with_code(
+            super().save_pretrained,
+            self,
+            save_directory,
+            LUNA_SEQ2SEQ_AUTO_MAP,
+            LUNA_SEQ2SEQ_CODE_FILES,
+            *args,
+            **kwargs,
+        )
 
     @torch.no_grad()
     def _init_weights(self, module):
