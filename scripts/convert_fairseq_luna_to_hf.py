@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert the authors' fairseq Luna checkpoints (fairseq-apollo `luna_bert`) into a luna-hf model folder.
+"""Convert the authors' fairseq Luna checkpoints (fairseq-apollo `luna_bert`, and the translation model `luna`) into
+a luna-hf model folder.
 
     python scripts/convert_fairseq_luna_to_hf.py --fairseq_checkpoint luna.base.tied/model.pt \
         --output_dir luna-base-tied --dict luna.base.tied/dict.txt \
@@ -9,7 +10,9 @@ Reads `model.pt` (weights under "model", training arguments under "args" or "cfg
 `LunaConfig`, maps every tensor to luna-hf's names and saves a `save_pretrained` folder (safetensors + remote code).
 A checkpoint with a classification head becomes `LunaForSequenceClassification` (or `LunaForMultipleChoice` for
 fairseq's sentence_ranking task); a masked_lm checkpoint, or one without heads, becomes `LunaForMaskedLM`. With
-`--dict` the fairseq dictionary and GPT-2's BPE files become a RoBERTa-style tokenizer with the fairseq ids. Any
+`--dict` the fairseq dictionary and GPT-2's BPE files become a RoBERTa-style tokenizer with the fairseq ids. A
+translation checkpoint (task `translation`, archs `luna`, `luna_base_tied`, `luna_base_untied`) becomes
+`LunaForConditionalGeneration` with a `LunaSeq2SeqConfig` (model only; its dictionaries are not converted). Any
 unread source tensor, unfilled target, or inconsistent argument is an error, and nothing is written to
 `--output_dir` unless the whole conversion succeeded and the saved folder reloads to the same tensors. See
 docs/conversion.md.
@@ -35,7 +38,14 @@ from tokenizers import AddedToken
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, RobertaTokenizer
 
-from luna_hf import LunaConfig, LunaForMaskedLM, LunaForMultipleChoice, LunaForSequenceClassification
+from luna_hf import (
+    LunaConfig,
+    LunaForConditionalGeneration,
+    LunaForMaskedLM,
+    LunaForMultipleChoice,
+    LunaForSequenceClassification,
+    LunaSeq2SeqConfig,
+)
 from luna_hf.model_card import write_model_card
 
 logger = logging.getLogger("convert_fairseq_luna")
@@ -123,6 +133,60 @@ HEAD_CLASSES = {
     "sequence_classification": LunaForSequenceClassification,
     "multiple_choice": LunaForMultipleChoice,
 }
+
+
+# The translation model `luna` (fairseq/models/luna.py): base_architecture's defaults and its named architectures.
+MT_DEFAULT_ARGS = dict(
+    encoder_embed_dim=512, encoder_ffn_embed_dim=2048, encoder_layers=6, encoder_attention_heads=8,
+    encoder_learned_pos=False, encoder_normalize_before=False, decoder_layers=6, decoder_learned_pos=False,
+    decoder_normalize_before=False, projection_length=32, fix_projection_length=False, untie_luna_kv=False,
+    attention_dropout=0.0, activation_dropout=0.0, activation_fn="relu", dropout=0.1, word_dropout=0.0,
+    layernorm_embedding=False, share_all_embeddings=False, share_decoder_input_output_embed=False,
+    no_token_positional_embeddings=False, no_scale_embedding=False, adaptive_softmax_cutoff=None,
+    max_source_positions=1024, max_target_positions=1024,
+)  # fmt: skip
+LUNA_MT_ARCHS = {"luna": {}, "luna_base": {}, "luna_base_tied": {}, "luna_base_untied": {"untie_luna_kv": True}}
+# fairseq module -> luna-hf module inside decoder.layers.{i}. (the cross-attention's are LAYER_MODULES' self_attn.*)
+DECODER_LAYER_MODULES = {
+    "self_attn.pq_proj": "self_attention.pack_query_proj",
+    "self_attn.pc_proj": "self_attention.pack_key_proj",
+    "self_attn.q_proj": "self_attention.q_proj",
+    "self_attn.c_proj": "self_attention.kv_proj",
+    "self_attn.k_proj": "self_attention.k_proj",
+    "self_attn.v_proj": "self_attention.v_proj",
+    "self_attn.out_proj": "self_attention.o_proj",
+    "self_attn_layer_norm": "self_attention_layer_norm",
+    **{
+        source.replace("self_attn.", "encoder_attn."): "cross_attention." + target
+        for source, target in LAYER_MODULES.items()
+        if source.startswith("self_attn.")
+    },
+    "encoder_attn_layer_norm": "cross_attention_layer_norm",
+    "encoder_atten_proj_layer_norm": "cross_attention_packed_layer_norm",  # sic: "atten"
+    "fc1": "fc1",
+    "fc2": "fc2",
+    "final_layer_norm": "ffn_layer_norm",
+}
+MT_RENAMES = [
+    (r"(encoder|decoder)\.embed_tokens\.weight", r"model.\1.embed_tokens.weight"),
+    (r"(encoder|decoder)\.embed_positions\.weight", r"model.\1.embed_positions.embeddings.weight"),
+    (r"encoder\.projected_embeddings", "model.encoder.projected_embeddings"),
+    (r"(encoder|decoder)\.layer_norm\.(weight|bias)", r"model.\1.layer_norm.\2"),
+    (r"encoder\.proj_layer_norm\.(weight|bias)", r"model.encoder.packed_layer_norm.\1"),
+    (r"decoder\.output_projection\.weight", "lm_head.weight"),
+    *[
+        (rf"encoder\.layers\.(\d+)\.{re.escape(source)}\.(weight|bias)", rf"model.encoder.layers.\1.{target}.\2")
+        for source, target in LAYER_MODULES.items()
+    ],
+    *[
+        (rf"decoder\.layers\.(\d+)\.{re.escape(source)}\.(weight|bias)", rf"model.decoder.layers.\1.{target}.\2")
+        for source, target in DECODER_LAYER_MODULES.items()
+    ],
+]
+# Buffers the model recomputes (sinusoids, versions) and the decoder's final P LayerNorm, which no output reads.
+MT_SET_ASIDE = (
+    r"(encoder|decoder)\.(version|embed_positions\._float_tensor|projected_positions)|decoder\.proj_layer_norm\..*"
+)
 
 
 class ConversionError(ValueError):
@@ -272,11 +336,11 @@ def luna_config(checkpoint: dict, head: str, head_name: str | None) -> LunaConfi
     state = checkpoint["model"]
     arch = args.get("arch")
     if arch not in LUNA_BERT_ARCHS and ENCODER + "projected_embeddings" not in state:
-        kind = "another Luna model (LRA or translation)" if str(arch).startswith("luna") else "not a Luna model"
+        kind = "another Luna model (LRA)" if str(arch).startswith("luna") else "not a Luna model"
         raise ConversionError(
             f"This checkpoint (arch {arch!r}) is {kind}: only fairseq-apollo's luna_bert (archs "
-            f"{sorted(LUNA_BERT_ARCHS)}) converts to luna-hf. It has no '{ENCODER}projected_embeddings'; its first "
-            f"keys are {list(state)[:5]}."
+            f"{sorted(LUNA_BERT_ARCHS)}) and translation model (archs {sorted(LUNA_MT_ARCHS)}, task translation) "
+            f"convert to luna-hf. It has no '{ENCODER}projected_embeddings'; its first keys are {list(state)[:5]}."
         )
     args = {**DEFAULT_ARGS, **LUNA_BERT_ARCHS.get(arch, {}), **{k: v for k, v in args.items() if v is not None}}
 
@@ -437,6 +501,12 @@ def convert_state_dict(checkpoint: dict, model, head_name: str | None) -> dict[s
         groups = sorted({".".join(k.split(".")[:2]) for k in set_aside})
         logger.warning("Not converted (not part of a %s): %s", type(model).__name__, groups)
 
+    check_exact_mapping(model, converted, leftover)
+    return converted
+
+
+def check_exact_mapping(model, converted: dict, leftover: list[str]) -> None:
+    """Every source tensor used (`leftover` lists those that were not) and every model tensor filled, in its shape."""
     expected = model.state_dict()
     tied = set(model.all_tied_weights_keys)
     missing = sorted(set(expected) - tied - set(converted))
@@ -457,6 +527,130 @@ def convert_state_dict(checkpoint: dict, model, head_name: str | None) -> dict[s
         problems.append(f"shape mismatches (checkpoint vs model): {shapes}")
     if problems:
         raise ConversionError("The checkpoint does not map exactly onto luna-hf: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The translation model (`luna`, --task translation)
+
+
+def is_translation(checkpoint) -> bool:
+    return fairseq_task(checkpoint) == "translation" or fairseq_arguments(checkpoint).get("arch") in LUNA_MT_ARCHS
+
+
+def translation_config(checkpoint: dict) -> LunaSeq2SeqConfig:
+    """`LunaSeq2SeqConfig` from the arguments of a `luna` translation checkpoint, checked against its tensors."""
+    args, state = fairseq_arguments(checkpoint), checkpoint["model"]
+    arch = args.get("arch")
+    if arch not in LUNA_MT_ARCHS:
+        raise ConversionError(
+            f"Translation arch {arch!r} is not fairseq-apollo's Luna; known: {sorted(LUNA_MT_ARCHS)}."
+        )
+    args = {**MT_DEFAULT_ARGS, **LUNA_MT_ARCHS[arch], **{k: v for k, v in args.items() if v is not None}}
+    for name in ("decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads"):
+        args.setdefault(name, args[name.replace("decoder", "encoder")])
+    for side in ("encoder", "decoder"):
+        args.setdefault(f"{side}_projected_attention_heads", args[f"{side}_attention_heads"])
+    unsupported = {
+        "--layernorm-embedding": args["layernorm_embedding"],
+        "--no-token-positional-embeddings": args["no_token_positional_embeddings"],
+        "--adaptive-softmax-cutoff": args["adaptive_softmax_cutoff"] is not None,
+        "--share-decoder-input-output-embed without --share-all-embeddings": (
+            args["share_decoder_input_output_embed"] and not args["share_all_embeddings"]
+        ),
+        "different encoder and decoder --*-normalize-before": (
+            args["encoder_normalize_before"] != args["decoder_normalize_before"]
+        ),
+        "different encoder and decoder --*-learned-pos": args["encoder_learned_pos"] != args["decoder_learned_pos"],
+        "different encoder and decoder sizes or heads": any(
+            args[f"encoder_{name}"] != args[f"decoder_{name}"]
+            for name in ("embed_dim", "ffn_embed_dim", "attention_heads")
+        ),
+        "projected heads different from the heads": any(
+            args[f"{side}_projected_attention_heads"] != args[f"{side}_attention_heads"]
+            for side in ("encoder", "decoder")
+        ),
+    }
+    if any(unsupported.values()):
+        raise ConversionError(
+            f"The checkpoint uses {[name for name, used in unsupported.items() if used]}, which "
+            "LunaForConditionalGeneration does not implement."
+        )
+    if args["activation_fn"] not in ACTIVATIONS:
+        raise ConversionError(f"Unknown activation_fn {args['activation_fn']!r}; known: {sorted(ACTIVATIONS)}.")
+
+    def tensor(name):
+        if name not in state:
+            raise ConversionError(f"Missing tensor {name!r}: the checkpoint is incomplete.")
+        return state[name]
+
+    vocab_size, hidden_size = tensor("encoder.embed_tokens.weight").shape
+    layers = {
+        side: len({k.split(".")[2] for k in state if k.startswith(f"{side}.layers.")})
+        for side in ("encoder", "decoder")
+    }
+    shared = all(
+        torch.equal(tensor("encoder.embed_tokens.weight"), tensor(name))
+        for name in ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
+    )
+    checks = {
+        "encoder_embed_dim": (args["encoder_embed_dim"], hidden_size),
+        "encoder_layers": (args["encoder_layers"], layers["encoder"]),
+        "decoder_layers": (args["decoder_layers"], layers["decoder"]),
+        "encoder_ffn_embed_dim": (args["encoder_ffn_embed_dim"], tensor("encoder.layers.0.fc1.weight").shape[0]),
+        "projection_length": (args["projection_length"], tensor("encoder.projected_embeddings").shape[0]),
+        "untie_luna_kv": (bool(args["untie_luna_kv"]), "encoder.layers.0.self_attn.pc_proj.weight" not in state),
+        "share_all_embeddings": (bool(args["share_all_embeddings"]), shared),
+    }
+    max_positions = min(args["max_source_positions"], args["max_target_positions"])
+    if args["encoder_learned_pos"]:
+        rows = {tensor(f"{side}.embed_positions.weight").shape[0] for side in ("encoder", "decoder")}
+        checks["max_source_positions"] = (args["max_source_positions"] + PAD_INDEX + 1, max(rows))
+        checks["max_target_positions"] = (args["max_target_positions"] + PAD_INDEX + 1, min(rows))
+    mismatched = {name: values for name, values in checks.items() if values[0] != values[1]}
+    if mismatched:
+        raise ConversionError(
+            "The arguments disagree with the tensors (argument-implied value, tensor-implied value): "
+            + ", ".join(f"{name} {a} vs {b}" for name, (a, b) in mismatched.items())
+        )
+    return LunaSeq2SeqConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        encoder_layers=layers["encoder"],
+        decoder_layers=layers["decoder"],
+        num_attention_heads=args["encoder_attention_heads"],
+        intermediate_size=args["encoder_ffn_embed_dim"],
+        hidden_act=ACTIVATIONS[args["activation_fn"]],
+        hidden_dropout_prob=args["dropout"],
+        attention_probs_dropout_prob=args["attention_dropout"],
+        activation_dropout=args["activation_dropout"],
+        max_position_embeddings=max_positions,
+        projected_length=args["projection_length"],
+        dynamic_projection=not args["fix_projection_length"],
+        tie_key_value=not args["untie_luna_kv"],
+        normalize_before=bool(args["encoder_normalize_before"]),
+        position_embedding_type="learned" if args["encoder_learned_pos"] else "sinusoidal",
+        scale_embedding=not args["no_scale_embedding"],
+        tie_word_embeddings=shared,
+        pad_token_id=PAD_INDEX,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+
+
+def convert_translation_state_dict(checkpoint: dict, model: LunaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """fairseq tensors of a `luna` translation model under luna-hf names; buffers the model recomputes are skipped."""
+    converted, leftover = {}, []
+    tied = set(model.all_tied_weights_keys)
+    for key, value in checkpoint["model"].items():
+        if re.fullmatch(MT_SET_ASIDE, key):
+            continue
+        target = next((re.sub(pattern, to, key) for pattern, to in MT_RENAMES if re.fullmatch(pattern, key)), None)
+        if target is None:
+            leftover.append(key)
+        elif target not in tied:  # the shared embeddings are equal (checked in translation_config)
+            converted[target] = value
+    check_exact_mapping(model, converted, leftover)
     return converted
 
 
@@ -520,25 +714,36 @@ def build_tokenizer(dict_path: str, encoder_json: str, vocab_bpe: str, vocab_siz
 # Driver
 
 
-AUTO_CLASS_NAMES = {LunaForMaskedLM: "AutoModelForMaskedLM", LunaForSequenceClassification:
-                    "AutoModelForSequenceClassification", LunaForMultipleChoice: "AutoModelForMultipleChoice"}
+AUTO_CLASS_NAMES = {
+    LunaForMaskedLM: "AutoModelForMaskedLM",
+    LunaForSequenceClassification: "AutoModelForSequenceClassification",
+    LunaForMultipleChoice: "AutoModelForMultipleChoice",
+    LunaForConditionalGeneration: "AutoModelForSeq2SeqLM",
+}
 
 
 def write_card(folder: Path, model, args: Arguments, head_name: str | None, model_id: str) -> None:
     """README.md of the converted folder (uploaded as is with --push_to_hub)."""
     config = model.config
     kind = f"the classification head {head_name!r}" if head_name else "the masked-LM head"
+    code, tags = "luna_bert", ("fill-mask",) if head_name is None else ("text-classification",)
+    data = (
+        "What the authors trained it on (for their released base models: BookCorpus and English Wikipedia, "
+        "paper §4.3 and Table 8; a finetuned checkpoint adds its task's data). The conversion reads no data."
+    )
+    if isinstance(model, LunaForConditionalGeneration):
+        kind, code, tags = "its encoder, decoder and output projection", "luna", ("translation",)
+        data = "What the authors trained it on (paper §4.2: WMT'14 English-German). The conversion reads no data."
     write_model_card(
         folder, config=config, script="scripts/convert_fairseq_luna_to_hf.py", model_id=model_id,
         load_class=AUTO_CLASS_NAMES[type(model)],
         title=f"{model_id}: the authors' Luna checkpoint for transformers",
         summary=f"The fairseq checkpoint `{Path(args.fairseq_checkpoint).name}` of Ma et al. (the authors' "
-                f"`luna_bert` code), converted tensor by tensor with {kind} into `{type(model).__name__}` "
+                f"`{code}` code), converted tensor by tensor with {kind} into `{type(model).__name__}` "
                 f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, l = {config.projected_length}, "
                 f"{'tied' if config.tie_key_value else 'untied'} key/value, {model.num_parameters() / 1e6:.2f}M "
                 f"parameters). Nothing was trained or changed.",
-        data="What the authors trained it on (for their released base models: BookCorpus and English Wikipedia, "
-             "paper §4.3 and Table 8; a finetuned checkpoint adds its task's data). The conversion reads no data.",
+        data=data,
         metrics={},
         no_metrics_reason="a conversion measures no task metric. luna-hf's tests check the converter against an "
                           "independent re-implementation of the authors' forward pass (largest difference 5e-6 in "
@@ -548,7 +753,7 @@ def write_card(folder: Path, model, args: Arguments, head_name: str | None, mode
             "against checkpoints in their layout, and it stops, naming the tensor, on anything it does not expect.",
             f"Inputs of at most {config.max_sequence_length} tokens.",
         ],
-        tags=("fill-mask",) if head_name is None else ("text-classification",),
+        tags=tags,
         pipeline_tag="fill-mask" if isinstance(model, LunaForMaskedLM) else None,
     )  # fmt: skip
 
@@ -562,10 +767,17 @@ def convert(args: Arguments) -> Path:
 
     checkpoint = load_checkpoint(args.fairseq_checkpoint, args.trust_pickle)
     fairseq_arguments(checkpoint)
-    head, head_name = choose_head(checkpoint, args.head, args.classification_head)
-    config = luna_config(checkpoint, head, head_name)
-    model = HEAD_CLASSES[head](config)
-    converted = convert_state_dict(checkpoint, model, head_name)
+    if is_translation(checkpoint):
+        if args.dict:
+            raise ConversionError("--dict converts luna_bert's GPT-2 BPE tokenizer, not a translation dictionary.")
+        head_name = None
+        model = LunaForConditionalGeneration(translation_config(checkpoint))
+        converted = convert_translation_state_dict(checkpoint, model)
+    else:
+        head, head_name = choose_head(checkpoint, args.head, args.classification_head)
+        model = HEAD_CLASSES[head](luna_config(checkpoint, head, head_name))
+        converted = convert_state_dict(checkpoint, model, head_name)
+    config = model.config
     model.load_state_dict(converted, strict=False)
     model.eval()
     dtypes = sorted({str(t.dtype) for t in converted.values()} - {"torch.float32"})

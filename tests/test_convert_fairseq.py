@@ -328,9 +328,9 @@ def broken(kind: str, tmp_path: Path) -> Path:
         state = {k: v for k, v in state.items() if "projected" not in k and "self_attn." not in k}
         state[ENCODER + "layers.0.self_attn.k_proj.weight"] = torch.zeros(32, 32)
         args = fairseq_args(arch="roberta_base")
-    elif kind == "luna-translation":
+    elif kind == "luna-lra":
         state = {"encoder.layers.0.self_attn.pq_proj.weight": torch.zeros(4, 4)}
-        args = fairseq_args(arch="luna_base_tied")
+        args = fairseq_args(arch="luna_lra_listop", task="lra-text")
     elif kind == "truncated":
         save_checkpoint(path, args, state)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -352,7 +352,7 @@ def broken(kind: str, tmp_path: Path) -> Path:
 
 BAD_INPUTS = {
     "non-luna": "not a Luna model",
-    "luna-translation": "another Luna model",
+    "luna-lra": "another Luna model",
     "truncated": "Is the file complete",
     "missing-key": r"does not provide: \['luna.layers.1.fc2.bias'\]",
     "leftover-key": r"no luna-hf counterpart: \['encoder.sentence_encoder.layers.0.self_attn.extra_proj.weight'\]",

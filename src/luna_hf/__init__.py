@@ -2,7 +2,9 @@
 
 Importing the package registers Luna with the Auto classes, and marks every class for remote code so that saved
 folders carry the model's code (`configuration_luna.py`, `modeling_luna.py`, `modeling_luna_attention.py`,
-`modeling_luna_causal.py`) and a complete `auto_map`.
+`modeling_luna_causal.py`) and a complete `auto_map`. The encoder-decoder translation model has its own config
+(`LunaSeq2SeqConfig`, model type `luna_seq2seq`) and files (`configuration_luna_seq2seq.py`,
+`modeling_luna_seq2seq.py`).
 """
 
 from transformers import (
@@ -12,11 +14,13 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
 
 from .configuration_luna import LunaConfig
+from .configuration_luna_seq2seq import LunaSeq2SeqConfig
 from .modeling_luna import (
     LunaForMaskedLM,
     LunaForMultipleChoice,
@@ -28,6 +32,7 @@ from .modeling_luna import (
     LunaPreTrainedModel,
 )
 from .modeling_luna_causal import LunaDecoderModel, LunaForCausalLM
+from .modeling_luna_seq2seq import LunaForConditionalGeneration, LunaSeq2SeqModel
 
 __version__ = "0.1.0"
 
@@ -47,10 +52,20 @@ for _auto_class, _model_class in AUTO_CLASSES.items():
     _auto_class.register(LunaConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_auto_class.__name__)
 
+AutoConfig.register(LunaSeq2SeqConfig.model_type, LunaSeq2SeqConfig, exist_ok=True)
+LunaSeq2SeqConfig.register_for_auto_class()
+for _auto_class, _model_class in {
+    AutoModel: LunaSeq2SeqModel,
+    AutoModelForSeq2SeqLM: LunaForConditionalGeneration,
+}.items():
+    _auto_class.register(LunaSeq2SeqConfig, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_class.__name__)
+
 __all__ = [
     "LunaConfig",
     "LunaDecoderModel",
     "LunaForCausalLM",
+    "LunaForConditionalGeneration",
     "LunaForMaskedLM",
     "LunaForMultipleChoice",
     "LunaForQuestionAnswering",
@@ -59,4 +74,6 @@ __all__ = [
     "LunaModel",
     "LunaModelOutput",
     "LunaPreTrainedModel",
+    "LunaSeq2SeqConfig",
+    "LunaSeq2SeqModel",
 ]

@@ -75,6 +75,18 @@ LUNA_CODE_FILES = (
 )
 
 
+def save_with_code(save_pretrained, model, save_directory, auto_map: dict, code_files, *args, **kwargs) -> None:
+    """`save_pretrained` (the transformers method, bound) with a complete `auto_map` and every file of the model's
+    code: transformers copies only the saved class's file and what it imports."""
+    model.config.auto_map = dict(auto_map)
+    save_pretrained(save_directory, *args, **kwargs)
+    if model._auto_class is not None:  # transformers has written the remote code: complete it
+        code_directory = Path(__file__).parent
+        for name in code_files:
+            if (code_directory / name).is_file() and not (Path(save_directory) / name).is_file():
+                shutil.copyfile(code_directory / name, Path(save_directory) / name)
+
+
 @dataclass
 class LunaModelOutput(ModelOutput):
     r"""
@@ -342,13 +354,7 @@ class LunaPreTrainedModel(PreTrainedModel):
     }
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        self.config.auto_map = dict(LUNA_AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if self._auto_class is not None:  # transformers has written the remote code: complete it
-            code_directory = Path(__file__).parent
-            for name in LUNA_CODE_FILES:
-                if (code_directory / name).is_file() and not (Path(save_directory) / name).is_file():
-                    shutil.copyfile(code_directory / name, Path(save_directory) / name)
+        save_with_code(super().save_pretrained, self, save_directory, LUNA_AUTO_MAP, LUNA_CODE_FILES, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

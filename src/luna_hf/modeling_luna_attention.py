@@ -82,18 +82,25 @@ class LunaAttention(nn.Module):
     def split_heads(self, states: torch.Tensor) -> torch.Tensor:
         return states.view(*states.shape[:2], -1, self.head_dim).transpose(1, 2)
 
+    def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `context`, split into heads (one tensor twice when tied)."""
+        if self.tie_key_value:
+            key = value = self.split_heads(self.kv_proj(context))
+            return key, value
+        return self.split_heads(self.k_proj(context)), self.split_heads(self.v_proj(context))
+
     def forward(
         self,
         queries: torch.Tensor,
-        context: torch.Tensor,
+        context: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`key_value`: `self.key_value(context)` computed before (the seq2seq decoder's cache), instead of
+        `context`."""
         query = self.split_heads(self.q_proj(queries))
-        if self.tie_key_value:
-            key = value = self.split_heads(self.kv_proj(context))
-        else:
-            key, value = self.split_heads(self.k_proj(context)), self.split_heads(self.v_proj(context))
+        key, value = self.key_value(context) if key_value is None else key_value
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
