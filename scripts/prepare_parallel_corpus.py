@@ -105,7 +105,10 @@ def unpacked_tree(package: str, args: Arguments) -> Path | None:
     """The package's unpacked tree: from --extracted_dir, or apt-get download + dpkg-deb -x into --cache_dir."""
     if args.extracted_dir:
         tree = Path(args.extracted_dir) / package
-        return tree if tree.is_dir() else None
+        if not tree.is_dir():
+            logger.warning(f"skipping package {package}: {tree} does not exist")
+            return None
+        return tree
     debs, tree = Path(args.cache_dir) / "debs", Path(args.cache_dir) / "trees" / package
     if tree.is_dir():
         return tree
@@ -197,11 +200,15 @@ def write_corpus(output: Path, rows: dict, info: dict, overwrite: bool) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     src, tgt = info["source_lang"], info["target_lang"]
-    for split, pairs in rows.items():
-        with open(partial / f"{split}.json", "w", encoding="utf-8") as file:
-            for source, target in pairs:
-                file.write(json.dumps({"translation": {src: source, tgt: target}}, ensure_ascii=False) + "\n")
-    (partial / "info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        for split, pairs in rows.items():
+            with open(partial / f"{split}.json", "w", encoding="utf-8") as file:
+                for source, target in pairs:
+                    file.write(json.dumps({"translation": {src: source, tgt: target}}, ensure_ascii=False) + "\n")
+        (partial / "info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except BaseException:  # interrupted: leave nothing behind (a killed build leaves only OUTPUT.partial)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if output.exists():
         check_output(output, overwrite)  # nobody completed it meanwhile
         shutil.rmtree(output)
