@@ -193,10 +193,16 @@ def new_model(model_args, tokenizer, max_length: int):
         config.decoder_vocab_size = len(tokenizer)
     config.max_position_embeddings = max_length
     config.pad_token_id, config.bos_token_id, config.eos_token_id = ids["pad_token"], ids["bos_token"], ids["eos_token"]
-    config.decoder_start_token_id = config.forced_eos_token_id = ids["eos_token"]
-    config.forced_bos_token_id = None
+    config.decoder_start_token_id = ids["eos_token"]  # fairseq's and BART's: the target starts with </s>
+    if hasattr(type(config), "forced_eos_token_id"):  # Marian's (0) and BART's defaults; generation_config's below
+        config.forced_eos_token_id = ids["eos_token"]
     attention = {} if model_args.model_type == "luna_seq2seq" else {"attn_implementation": "sdpa"}
-    return AutoModelForSeq2SeqLM.from_config(config, **attention)
+    model = AutoModelForSeq2SeqLM.from_config(config, **attention)
+    generation = model.generation_config
+    generation.pad_token_id, generation.bos_token_id = ids["pad_token"], ids["bos_token"]
+    generation.eos_token_id = generation.forced_eos_token_id = generation.decoder_start_token_id = ids["eos_token"]
+    generation.forced_bos_token_id = None
+    return model
 
 
 def load_model_and_tokenizer(raw, model_args, data_args):

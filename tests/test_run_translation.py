@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+import luna_hf  # noqa: F401  (registers Luna's models)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_translation.py"
 WORDS = [("file", "Datei"), ("folder", "Ordner"), ("user", "Benutzer"), ("key", "Schlüssel"), ("disk", "Festplatte")]
@@ -49,12 +51,20 @@ def run(corpus, output_dir, *extra):
     return load_script().main([*files, "--output_dir", str(output_dir), *TINY, *extra])
 
 
-@pytest.mark.parametrize("model_type", ["marian", "bart"])
+LUNA_LANDED = "luna_seq2seq" in CONFIG_MAPPING
+
+
+@pytest.mark.parametrize(
+    "model_type",
+    ["marian", "bart", pytest.param("luna", marks=pytest.mark.skipif(not LUNA_LANDED, reason="no Luna seq2seq yet"))],
+)
 def test_new_model_trains_generates_and_scores(corpus, tmp_path, model_type, caplog):
     output_dir = tmp_path / model_type
     with caplog.at_level(logging.WARNING):
         results = run(corpus, output_dir, "--model_type", model_type, "--do_train", "--do_eval", "--do_predict",
-                      "--predict_with_generate", "--max_steps", "3", "--num_beams", "2")  # fmt: skip
+                      "--predict_with_generate", "--max_steps", "3", "--num_beams", "2", "--projected_length",
+                      "4")  # fmt: skip
+    model_type = load_script().MODEL_TYPE_ALIASES.get(model_type, model_type)
     assert any("skipped 2 rows with an empty source or target" in r.getMessage() for r in caplog.records)
     saved = json.loads((output_dir / "translation_results.json").read_text())
     assert saved == json.loads(json.dumps(results))
@@ -71,18 +81,21 @@ def test_new_model_trains_generates_and_scores(corpus, tmp_path, model_type, cap
 
     # The folder holds a model and its tokenizer that agree, with the special tokens the config names.
     config, tokenizer = AutoConfig.from_pretrained(output_dir), AutoTokenizer.from_pretrained(output_dir)
-    assert config.model_type == model_type and config.vocab_size == len(tokenizer) and config.d_model == 32
-    assert config.encoder_layers == config.decoder_layers == 1 and config.encoder_ffn_dim == 64
+    assert config.model_type == model_type and config.vocab_size == len(tokenizer)
+    sizes = {"d_model": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "projected_length": 4}
+    for argument, fields in load_script().SIZE_FIELDS[model_type].items():
+        assert [getattr(config, name) for name in fields] == [sizes[argument]] * len(fields)
     assert (config.pad_token_id, config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
     ids = tokenizer("The file %s is open.")["input_ids"]
     assert ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "The file %s is open."
     model = AutoModelForSeq2SeqLM.from_pretrained(output_dir)
-    assert model.config._attn_implementation == "sdpa"
+    if model_type != "luna_seq2seq":
+        assert model.config._attn_implementation == "sdpa"
 
     # The saved folder is a --model_name_or_path for prediction only.
     again = run(corpus, tmp_path / "reuse", "--model_name_or_path", str(output_dir), "--do_predict",
-                "--predict_with_generate")  # fmt: skip
+                "--predict_with_generate", "--num_beams", "2")  # fmt: skip
     assert again["predict_bleu"] == saved["predict_bleu"] and again["predict_chrf"] == saved["predict_chrf"]
 
 
