@@ -78,6 +78,8 @@ class Arguments:
 def read_packages(path: str | None) -> list[str]:
     if path is None:
         return sorted(PACKAGES)
+    if not Path(path).is_file():
+        sys.exit(f"error: --packages_file {path} does not exist; omit it to use the built-in list of packages")
     text = Path(path).read_text(encoding="utf-8")
     names = sorted({word for line in text.splitlines() for word in line.split("#")[0].split()})
     if not names:

@@ -158,3 +158,14 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path, trees, monkeypatch)
 def test_too_few_packages_is_a_clear_error(tmp_path, trees):
     with pytest.raises(SystemExit, match="cannot give"):
         build(tmp_path, trees, "--test_packages", "6", "--validation_packages", "3")
+
+
+def test_unreachable_hub_dataset_falls_back_to_the_catalogues(tmp_path, trees, caplog, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with caplog.at_level(logging.WARNING):
+        _, info = build(tmp_path, trees, "--dataset_name", "wmt14", "--dataset_config", "de-en")
+    assert any("wmt14 (de-en) is not reachable" in r.getMessage() for r in caplog.records)
+    assert info["source"].startswith("Debian") and "Source: Debian" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="absent.txt does not exist"):
+        load_script().main(["--packages_file", str(tmp_path / "absent.txt"), "--output_dir", str(tmp_path / "x")])

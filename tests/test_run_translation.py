@@ -99,7 +99,9 @@ def test_new_model_trains_generates_and_scores(corpus, tmp_path, model_type, cap
     assert again["predict_bleu"] == saved["predict_bleu"] and again["predict_chrf"] == saved["predict_chrf"]
 
 
-def test_bad_input_is_a_clear_error(corpus, tmp_path, capsys):
+def test_bad_input_is_a_clear_error(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(SystemExit, match=r"--source_lang fr is not in the train data; its languages are \['de', 'en'"):
         run(corpus, tmp_path / "a", "--model_type", "marian", "--do_train", "--source_lang", "fr")
     with pytest.raises(SystemExit):
@@ -111,6 +113,10 @@ def test_bad_input_is_a_clear_error(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(corpus, tmp_path / "d", "--do_train")
     assert "exactly one of --model_name_or_path" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit, match="could not be loaded .* scripts/prepare_parallel_corpus.py"):
+        load_script().main(["--dataset_name", "wmt14", "--dataset_config_name", "de-en", "--model_type", "marian",
+                            "--output_dir", str(tmp_path / "hub"), "--do_train"])  # fmt: skip
 
     model_dir = tmp_path / "model"
     run(corpus, model_dir, "--model_type", "marian", "--do_train", "--max_steps", "1")
