@@ -156,3 +156,31 @@ def test_modernbert_baseline_has_the_same_shape_and_feed_forward_size(script):
     roberta_ffn = sum(p.numel() for n, p in roberta.named_parameters()
                       if n.endswith(("intermediate.dense.weight", "output.dense.weight")) and ".attention." not in n)
     assert abs(modernbert_ffn - roberta_ffn) / roberta_ffn < 0.01  # I = 2/3 FFN, rounded down
+
+
+@pytest.fixture(scope="module")
+def seq2seq_script():
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports benchmark_generation, as when run from scripts/
+    spec = importlib.util.spec_from_file_location("benchmark_seq2seq", SCRIPT.parent / "benchmark_seq2seq.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seq2seq_decoding_cache_is_constant_for_luna_and_grows_with_the_source_for_the_transformer(seq2seq_script):
+    args = seq2seq_script.Seq2SeqBenchmarkArguments(
+        sources=[8, 96], models=["luna-4", "transformer"], rounds=1, new_tokens=2, warmup_tokens=1, hidden_size=32,
+        layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+    )
+    rows = {(row["model"], row["source"]): row for name in args.models
+            for row in seq2seq_script.measure_decoding(args, name)}  # fmt: skip
+    luna, transformer = (cache["cache_mib"] for cache in (rows["luna-4", 8], rows["transformer", 8]))
+    assert rows["luna-4", 96]["cache_mib"] == luna > 0  # l = 4 slots per layer, whatever the source
+    assert rows["transformer", 96]["cache_mib"] > 8 * transformer  # cross-attention keys/values of every source token
+    report = seq2seq_script.report(args, "command", list(rows.values()), load_before=0.0)
+    assert "| 96 |" in report and "luna-4: per-token latency at a 96-token source / at 8" in report
+
+
+def test_seq2seq_benchmark_refuses_unknown_models(seq2seq_script):
+    with pytest.raises(ValueError, match="'gpt'"):
+        seq2seq_script.Seq2SeqBenchmarkArguments(models=["gpt"])
