@@ -101,7 +101,7 @@ def measure_decoding(args: Seq2SeqBenchmarkArguments, name: str) -> list[dict]:
                     if step >= args.warmup_tokens:
                         step_seconds[source].append(time.perf_counter() - start)
                 state[source] = (encoder_outputs, cache, next_token)
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not Marian's fixed sinusoids
     rows = []
     for source in args.sources:
         timed = sorted(step_seconds[source])
@@ -129,7 +129,7 @@ def report(args: Seq2SeqBenchmarkArguments, command: str, rows: list[dict], load
         f"Models: {args.layers} + {args.layers} layers, width {args.hidden_size}, {args.num_attention_heads} heads, "
         f"FFN {args.intermediate_size}, vocabulary {args.vocab_size}, tied embeddings, no dropout, float32, batch 1, "
         "greedy. Luna-l: `LunaForConditionalGeneration` (tied K/V, the authors' luna_base_tied); transformer: "
-        "`MarianMTModel` (SDPA, `EncoderDecoderCache`). Parameters: "
+        "`MarianMTModel` (SDPA, `EncoderDecoderCache`). Trainable parameters: "
         + ", ".join(f"{name} {by_model[name][first]['parameters'] / 1e6:.1f}M" for name in args.models) + ".",
         "",
         f"Per-token latency: median (p90) of {args.rounds} x {args.new_tokens} cached steps per source, in ms; cache "
