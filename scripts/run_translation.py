@@ -36,6 +36,7 @@ import numpy as np
 import transformers
 from datasets import load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch.utils.data import SequentialSampler
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -47,6 +48,7 @@ from transformers import (
     Seq2SeqTrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import has_length
 
 import luna_hf  # noqa: F401  (registers Luna with the Auto classes)
 
@@ -92,8 +94,12 @@ class DataTrainingArguments:
     validation_file: str | None = field(default=None, metadata={"help": "Validation data, JSON lines."})
     test_file: str | None = field(default=None, metadata={"help": "Test data, JSON lines."})
     max_source_length: int = field(default=128, metadata={"help": "Source tokens kept (longer are truncated)."})
-    max_target_length: int = field(default=128, metadata={"help": "Target tokens kept; also generate()'s limit."})
-    num_beams: int = field(default=1, metadata={"help": "Beams for generate() in evaluation and prediction."})
+    max_target_length: int = field(
+        default=128, metadata={"help": "Target tokens kept; also generate()'s limit unless --generation_max_length."}
+    )
+    num_beams: int | None = field(
+        default=None, metadata={"help": "Beams for generate() in evaluation and prediction (default 1)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation rows."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only this many test rows."})
@@ -116,8 +122,13 @@ def parse_args(argv):
             parser.error(f"{path} does not exist; build a corpus with scripts/prepare_parallel_corpus.py")
     if data_args.source_lang == data_args.target_lang:
         parser.error("--source_lang and --target_lang are the same")
-    training_args.generation_max_length = data_args.max_target_length
-    training_args.generation_num_beams = data_args.num_beams
+    # --num_beams is this script's name for Seq2SeqTrainingArguments' --generation_num_beams: either may be given
+    if None not in (data_args.num_beams, training_args.generation_num_beams) and \
+            data_args.num_beams != training_args.generation_num_beams:
+        parser.error(f"--num_beams {data_args.num_beams} and --generation_num_beams "
+                     f"{training_args.generation_num_beams} disagree: give one of them")
+    training_args.generation_num_beams = data_args.num_beams or training_args.generation_num_beams or 1
+    training_args.generation_max_length = training_args.generation_max_length or data_args.max_target_length
     return model_args, data_args, training_args
 
 
@@ -280,6 +291,17 @@ class TranslationMetrics:
         return self.score(self.decode(predictions), self.decode(labels))
 
 
+class TranslationTrainer(Seq2SeqTrainer):
+    """Evaluates and predicts in dataset order even when training groups by length (`--train_sampling_strategy
+    group_by_length`, which the Trainer also applies to evaluation): predictions are paired with their untruncated
+    references by position."""
+
+    def _get_eval_sampler(self, eval_dataset):
+        if eval_dataset is None or not has_length(eval_dataset):
+            return None
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
+
 def write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text, encoding="utf-8")
@@ -339,7 +361,7 @@ def main(argv=None):
 
     # Train
     metrics = TranslationMetrics(tokenizer, model_args.cache_dir)
-    trainer = Seq2SeqTrainer(
+    trainer = TranslationTrainer(
         model=model, args=training_args, processing_class=tokenizer,
         train_dataset=encoded.get("train") if training_args.do_train else None,
         eval_dataset=encoded.get("validation") if training_args.do_eval else None,

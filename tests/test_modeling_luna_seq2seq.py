@@ -407,3 +407,19 @@ def test_converter_refuses_translation_arguments_that_disagree_with_the_tensors(
         with pytest.raises(script.ConversionError, match=re.escape(message)):
             script.convert(arguments)
         assert not (tmp_path / name).exists()
+
+
+def test_encoder_outputs_given_as_a_tuple_are_the_encoders_output():
+    """return_dict=False callers and BART-style code hand the encoder's output back as a tuple."""
+    model = tiny_model(seed=3).eval()
+    source, source_mask = left_padded_source()
+    decoder_input_ids = target()
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(input_ids=source, attention_mask=source_mask)
+        expected = model(encoder_outputs=encoder_outputs, attention_mask=source_mask,
+                         decoder_input_ids=decoder_input_ids).logits  # fmt: skip
+        as_tuple = model(encoder_outputs=encoder_outputs.to_tuple(), attention_mask=source_mask,
+                         decoder_input_ids=decoder_input_ids).logits  # fmt: skip
+        assert torch.equal(as_tuple, expected)
+        with pytest.raises(ValueError, match="packed_hidden_state"):
+            model(encoder_outputs=(encoder_outputs.last_hidden_state,), decoder_input_ids=decoder_input_ids)

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import datasets
 import pytest
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -153,3 +154,32 @@ def test_model_learns_the_pairs_and_metrics_match_sacrebleu(corpus, tmp_path):
     ids = tokenizer(references, padding=True)["input_ids"]
     ids[1] = [-100 if token == tokenizer.pad_token_id else token for token in ids[1]]  # label padding
     assert metrics.decode(ids) == references
+
+
+def test_generation_settings_are_the_users(corpus, tmp_path):
+    script = load_script()
+    files = ["--train_file", corpus["train"], "--output_dir", str(tmp_path), "--model_type", "marian"]
+    _, _, args = script.parse_args(files)
+    assert (args.generation_num_beams, args.generation_max_length) == (1, 128)
+    _, _, args = script.parse_args([*files, "--generation_num_beams", "4", "--generation_max_length", "200"])
+    assert (args.generation_num_beams, args.generation_max_length) == (4, 200)
+    _, _, args = script.parse_args([*files, "--num_beams", "3", "--max_target_length", "64"])
+    assert (args.generation_num_beams, args.generation_max_length) == (3, 64)
+    with pytest.raises(SystemExit):
+        script.parse_args([*files, "--num_beams", "3", "--generation_num_beams", "4"])
+
+
+def test_predictions_come_back_in_dataset_order_when_training_groups_by_length(corpus, tmp_path):
+    """The Trainer also groups evaluation batches by length with this flag; the script pairs predictions with their
+    references by position, so its evaluation must stay sequential."""
+    from torch.utils.data import SequentialSampler
+
+    script = load_script()
+    grouped = ["--model_type", "marian", "--use_cpu", "--train_sampling_strategy", "group_by_length"]
+    _, _, args = script.parse_args(["--train_file", corpus["train"], "--output_dir", str(tmp_path), *grouped])
+    model = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("marian", vocab_size=50, pad_token_id=1, d_model=8,
+        encoder_layers=1, decoder_layers=1, encoder_attention_heads=1, decoder_attention_heads=1,
+        encoder_ffn_dim=8, decoder_ffn_dim=8))  # fmt: skip
+    dataset = datasets.Dataset.from_dict({"input_ids": [[5] * n for n in (3, 9, 1, 7, 2, 8)]})
+    trainer = script.TranslationTrainer(model=model, args=args)
+    assert isinstance(trainer._get_eval_sampler(dataset), SequentialSampler)

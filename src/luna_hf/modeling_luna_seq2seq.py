@@ -464,6 +464,14 @@ class LunaSeq2SeqModel(LunaSeq2SeqPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache and not self.training
         if encoder_outputs is None:
             encoder_outputs = self.encoder(input_ids, attention_mask, inputs_embeds, **kwargs)
+        elif isinstance(encoder_outputs, (tuple, list)):  # return_dict=False outputs, or a BART-style caller's tuple
+            if len(encoder_outputs) != 3:
+                raise ValueError(
+                    f"encoder_outputs is a tuple of {len(encoder_outputs)}: Luna's decoder needs the encoder's "
+                    "(last_hidden_state, packed_hidden_state, packed_attention_mask), as model.get_encoder() returns "
+                    "them; pass that output (or the source as input_ids)."
+                )
+            encoder_outputs = LunaSeq2SeqEncoderOutput(*encoder_outputs)
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
         check_cache(cache, self.config.decoder_layers)
