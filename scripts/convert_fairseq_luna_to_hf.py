@@ -773,6 +773,9 @@ def convert(args: Arguments) -> Path:
         head_name = None
         model = LunaForConditionalGeneration(translation_config(checkpoint))
         converted = convert_translation_state_dict(checkpoint, model)
+        # fairseq-generate's defaults (beam 5, up to 200 new tokens), not transformers' max_length=20
+        model.generation_config.num_beams = 5
+        model.generation_config.max_new_tokens = min(200, model.config.max_position_embeddings - 1)
     else:
         head, head_name = choose_head(checkpoint, args.head, args.classification_head)
         model = HEAD_CLASSES[head](luna_config(checkpoint, head, head_name))

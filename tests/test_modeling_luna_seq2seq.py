@@ -389,6 +389,8 @@ def test_converter_turns_an_authors_translation_checkpoint_into_the_same_model(t
     assert (config.tie_key_value, config.hidden_dropout_prob, config.max_position_embeddings) == (
         arch == "luna_base_tied", 0.3, 40)  # fmt: skip
     assert (config.projected_length, config.hidden_act, config.position_embedding_type) == (4, "relu", "sinusoidal")
+    # fairseq-generate's beam and length, capped by the positions, not transformers' max_length=20
+    assert (model.generation_config.num_beams, model.generation_config.max_new_tokens) == (5, 39)
     source, source_mask = left_padded_source()
     with torch.no_grad():
         logits = model(input_ids=source, attention_mask=source_mask, decoder_input_ids=target()).logits
