@@ -184,18 +184,19 @@ def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) 
     if not (model / "config.json").is_file():
         print(f"\n=== 2/{total} Add a sentence-classification head to {name} (its pretrained pooler kept)", flush=True)
         add_classification_head(source, model, args.seed)
+    nested = args.attention == "nested"
+    variant = f"nested-l{args.projected_length}" if nested else args.attention
     if args.attention != "softmax":
-        converted, transferred = output_dir / f"{name}-{args.attention}", output_dir / f"{name}-{args.attention}-attn"
+        converted, transferred = output_dir / f"{name}-{variant}", output_dir / f"{name}-{variant}-attn"
         if not (transferred / "config.json").is_file():
             if not (converted / "config.json").is_file():
                 run_step(
                     f"3/5 Convert {name} to the {args.attention} attention", "convert_to_luna.py",
-                    "--model_name_or_path", str(model), "--output_dir", str(converted),
-                    "--attention", args.attention, "--projected_length", str(args.projected_length),
-                    "--seed", str(args.seed),
+                    "--model_name_or_path", str(model), "--output_dir", str(converted), "--attention", args.attention,
+                    *(["--projected_length", str(args.projected_length)] if nested else []), "--seed", str(args.seed),
                 )  # fmt: skip
             learning_rate = args.transfer_learning_rate or TRANSFER_LEARNING_RATES[args.attention]
-            checkpoints = output_dir / f"{name}-{args.attention}-attn-checkpoints"
+            checkpoints = output_dir / f"{name}-{variant}-attn-checkpoints"
             resume = ["--resume_from_checkpoint", str(checkpoints)] if latest_checkpoint(checkpoints) else []
             run_step(
                 f"4/5 Train the new attention to imitate {name}'s on SST-2 sentences", "transfer_attention.py",
@@ -207,7 +208,7 @@ def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) 
                 "--output_dir", str(checkpoints), "--transferred_model_dir", str(transferred), *resume,
             )  # fmt: skip
         model = transferred
-    finetuned = output_dir / f"{name}-{args.attention}-sst2"
+    finetuned = output_dir / f"{name}-{variant}-sst2"
     if not (finetuned / "eval_results.json").is_file():
         samples = ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
         run_step(
@@ -218,7 +219,7 @@ def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) 
             "--max_steps", str(args.finetune_steps), "--eval_strategy", "no", "--save_strategy", "no",
             "--report_to", "none", "--seed", str(args.seed), "--output_dir", str(finetuned),
         )  # fmt: skip
-    return finetuned, f"{name}, {args.attention} attention"
+    return finetuned, f"{name}, {variant.replace('-l', ' l=')} attention"
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -116,7 +116,8 @@ def summary_and_predictions(out: str) -> tuple[float, list[str]]:
 @pytest.mark.parametrize("attention", ["learned_kernel", "nested"])
 def test_from_pretrained_converts_transfers_finetunes_then_resumes(tmp_path, attention):
     bert = write_tiny_bert(tmp_path / "tiny-bert")
-    args = ["--pretrained_path", bert, "--attention", attention]
+    args = ["--pretrained_path", bert, "--attention", attention, "--projected_length", "4"]
+    variant = "nested-l4" if attention == "nested" else attention
     result = pretrained_quickstart(tmp_path, *args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     out = result.stdout
@@ -125,15 +126,15 @@ def test_from_pretrained_converts_transfers_finetunes_then_resumes(tmp_path, att
         assert f"=== {step}" in out, out[-3000:]
     assert "=== 1/5" not in out and "Pretrain" not in out  # a local folder: nothing to obtain, nothing to pretrain
     accuracy, predictions = summary_and_predictions(out)
-    assert 0.0 <= accuracy <= 1.0 and f"tiny-bert, {attention} attention" in out
+    assert 0.0 <= accuracy <= 1.0 and f"tiny-bert, {attention}{' l=4' * (attention == 'nested')} attention" in out
     assert len(predictions) == 3
 
     # The converted head's dense layer is BERT's pretrained pooler (kept through the classification head step).
     source = safetensors.torch.load_file(bert / "model.safetensors")
-    converted = safetensors.torch.load_file(tmp_path / "out" / f"tiny-bert-{attention}" / "model.safetensors")
+    converted = safetensors.torch.load_file(tmp_path / "out" / f"tiny-bert-{variant}" / "model.safetensors")
     assert torch.equal(converted["classifier.dense.weight"], source["pooler.dense.weight"])
     # Attention transfer changed only the new attention parameters (here: some of them), nothing copied from BERT.
-    transferred = safetensors.torch.load_file(tmp_path / "out" / f"tiny-bert-{attention}-attn" / "model.safetensors")
+    transferred = safetensors.torch.load_file(tmp_path / "out" / f"tiny-bert-{variant}-attn" / "model.safetensors")
     changed = {name for name, tensor in transferred.items() if not torch.equal(tensor, converted[name])}
     assert changed and all(("feature_map" in name) == (attention == "learned_kernel") for name in changed), changed
 
