@@ -188,6 +188,7 @@ class LunaEmbeddings(nn.Module):
         packed_states = self.dropout(packed_states) * slot_mask.unsqueeze(-1).to(packed_states.dtype)
         return hidden_states, packed_states
 
+
 GELU_APPROXIMATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> nn.functional.gelu's
 
 
@@ -235,6 +236,11 @@ class LunaLayer(GradientCheckpointingLayer):
         self.packed_layer_norm = None
         if config.attention_type == "nested":
             self.packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.add_feed_forward(config)
+        self.normalize_before = config.normalize_before
+
+    def add_feed_forward(self, config) -> None:
+        """The feed-forward block and the residual dropout, shared by the encoder, causal and decoder layers."""
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.activation = ACT2FN[config.hidden_act]
@@ -242,7 +248,6 @@ class LunaLayer(GradientCheckpointingLayer):
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LunaDropout(config.hidden_dropout_prob)
-        self.normalize_before = config.normalize_before
 
     def forward(
         self,
@@ -320,7 +325,10 @@ class LunaPackedAttentionPooler(nn.Module):
 
     def forward(self, first_token, packed_states, slot_mask) -> torch.Tensor:
         attended, _ = self.attention(
-            first_token[:, None], packed_states, packed_states, key_padding_mask=slots_to_pool(slot_mask) == 0,
+            first_token[:, None],
+            packed_states,
+            packed_states,
+            key_padding_mask=slots_to_pool(slot_mask) == 0,
             need_weights=False,
         )
         return self.layer_norm(attended[:, 0])

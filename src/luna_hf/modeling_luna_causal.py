@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -34,7 +33,6 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_luna import LunaConfig
 from .modeling_luna import (
-    GELU_APPROXIMATIONS,
     LunaDropout,
     LunaForMaskedLM,
     LunaLayer,
@@ -73,13 +71,7 @@ class LunaCausalLayer(GradientCheckpointingLayer):
             self.projected_embeddings = nn.Parameter(torch.empty(config.projected_length, config.hidden_size))
         self.attention = CAUSAL_ATTENTION_CLASSES[config.attention_type](config, layer_idx)
         self.attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.activation = ACT2FN[config.hidden_act]
-        self.gelu_approximation = GELU_APPROXIMATIONS.get(config.hidden_act)
-        self.activation_dropout = nn.Dropout(config.activation_dropout)
-        self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = LunaDropout(config.hidden_dropout_prob)
+        LunaLayer.add_feed_forward(self, config)
 
     feed_forward = LunaLayer.feed_forward  # the encoder layer's, with its gelu recomputation in training
 

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -41,7 +40,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_luna_seq2seq import LunaSeq2SeqConfig
-from .modeling_luna import GELU_APPROXIMATIONS, LunaDropout, LunaLayer, LunaModel, save_with_code
+from .modeling_luna import LunaDropout, LunaLayer, LunaModel, save_with_code
 from .modeling_luna_attention import TOKEN_COUNT, LunaAttention, LunaCausalAttention, write_recurrent_states
 
 LUNA_SEQ2SEQ_AUTO_MAP = {
@@ -274,13 +273,7 @@ class LunaSeq2SeqDecoderLayer(GradientCheckpointingLayer):
         self.cross_attention = LunaCrossAttention(config, layer_idx)
         self.cross_attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.cross_attention_packed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.activation = ACT2FN[config.hidden_act]
-        self.gelu_approximation = GELU_APPROXIMATIONS.get(config.hidden_act)
-        self.activation_dropout = nn.Dropout(config.activation_dropout)
-        self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = LunaDropout(config.hidden_dropout_prob)
+        LunaLayer.add_feed_forward(self, config)
 
     feed_forward = LunaLayer.feed_forward
 
