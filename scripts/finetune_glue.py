@@ -372,6 +372,7 @@ def render_model_card(repo_id, model, model_args, data_args, training_args, raw,
     text_pair = "text_pair" in next(iter(raw.values())).column_names
     example = EXAMPLES[2 if text_pair else 1]
     config = model.config
+    learned_kernel = getattr(config, "attention_type", None) == "learned_kernel"
 
     def describe(split, path):
         if split not in raw:
@@ -383,8 +384,10 @@ def render_model_card(repo_id, model, model_args, data_args, training_args, raw,
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
         model_id=repo_id,
-        model_type_name="Luna" if config.model_type == "luna" else config.model_type,
+        model_type_name=("A learned-kernel (LUNA, 2025) encoder" if learned_kernel else "Luna")
+        if config.model_type == "luna" else config.model_type,
         is_luna=config.model_type == "luna",
+        attention_type="learned_kernel" if learned_kernel else None,
         projected_length=getattr(config, "projected_length", None),
         base_model_name=(f"`{base}`" if base_is_hub_id else f"a local checkpoint (`{Path(base).name}`)")
         + (" with random weights (no pretraining)" if model_args.from_scratch else ""),

@@ -201,6 +201,17 @@ def test_local_files_without_task_regression_and_other_formats(work, tmp_path):
     assert table["review"][3] == '" great " acting'
 
 
+def test_learned_kernel_card_names_its_attention_not_the_nested_one(work, tmp_path):
+    root, glue = work
+    hub_fixture.save_tiny_model(LunaForMaskedLM, tmp_path / "lk-mlm", attention_type="learned_kernel")
+    run(work, "--model_name_or_path", tmp_path / "lk-mlm", "--task_name", "sst2", "--do_train", "--do_eval",
+        "--train_file", glue / "sst2" / "train.tsv", "--validation_file", glue / "sst2" / "dev.tsv",
+        "--output_dir", tmp_path / "lk", "--max_steps", "1")
+    card = ModelCard.load(tmp_path / "lk" / "README.md").text
+    assert "learned-kernel linear attention" in card and "@article{shahbazi2025luna" in card
+    assert "packs the input" not in card and "ma2021luna" not in card and "wang2018glue" in card
+
+
 def test_roberta_checkpoint_and_bert_config_side_by_side(work, tmp_path):
     root, glue = work
     files = ["--train_file", glue / "sst2" / "train.tsv", "--validation_file", glue / "sst2" / "dev.tsv"]
