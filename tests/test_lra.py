@@ -472,6 +472,28 @@ def test_small_config_mean_pools_valid_tokens_only(task, model_name):
     assert run_lra.masked_mean(hidden, torch.tensor([[1, 1, 0]])).item() == 2.0
 
 
+@pytest.mark.parametrize("config_name", ["small", "cpu"])
+def test_retrieval_pair_features_follow_the_config(config_name):
+    """--config small classifies the harness's [u, v, u * v, u - v] (Linear 4d -> FFN size, ReLU, Linear); the other
+    configs the authors' [v, u] (u, v: the pooled states of document 1 and 2), computed here from the encoder."""
+    args = run_lra.LRAArguments(task="retrieval", data_dir="unused", model="luna", config=config_name)
+    task = replace_length(args.task_config(), 32)
+    torch.manual_seed(0)
+    model = run_lra.build_model(args, task, vocab_size=260, num_labels=2).eval()
+    ids, ids2 = torch.randint(4, 260, (3, 12)), torch.randint(4, 260, (3, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        u = model.encoder(input_ids=ids, attention_mask=mask).pooler_output
+        v = model.encoder(input_ids=ids2, attention_mask=mask).pooler_output
+        features = torch.cat([u, v, u * v, u - v] if config_name == "small" else [v, u], -1)
+        first, _, last = model.classifier
+        expected = last(torch.relu(first(features)))
+        logits = model(input_ids=ids, attention_mask=mask, input_ids2=ids2, attention_mask2=mask).logits
+    torch.testing.assert_close(logits, expected)
+    width = task.intermediate_size if config_name == "small" else task.hidden_size
+    assert first.weight.shape == (width, features.shape[-1])
+
+
 def replace_length(task, max_length):
     return dataclasses.replace(task, max_length=max_length)
 

@@ -11,10 +11,10 @@ Skyformer / Nystromformer LRA harness (2 layers, hidden 64, AdamW, linear decay;
 valid tokens); `--config cpu` (default) is a reduced model and budget that runs on a 2-core CPU in minutes. Luna
 is `LunaForSequenceClassification`; the Transformer is RoBERTa's architecture of the same size with SDPA
 attention. Retrieval encodes both documents with one encoder and classifies [rep(doc2), rep(doc1)], as the authors
-do. Pathfinder (scripts/lra/pathfinder.py) reads pixels as tokens, as Image does. The model with the best
-validation accuracy is tested; the test accuracy, wall time and settings go to `OUTPUT_DIR/lra_results.json` and are
-appended to `--results_file`. Interrupted? The same command with `--resume_from_checkpoint latest` continues from the
-last checkpoint.
+do ([u, v, u * v, u - v] with --config small, as the harness does). Pathfinder (scripts/lra/pathfinder.py) reads
+pixels as tokens, as Image does. The model with the best validation accuracy is tested; the test accuracy, wall time
+and settings go to `OUTPUT_DIR/lra_results.json` and are appended to `--results_file`. Interrupted? The same command
+with `--resume_from_checkpoint latest` continues from the last checkpoint.
 """
 
 import json
@@ -342,16 +342,20 @@ class MeanPooledRobertaClassifier(RobertaPreTrainedModel):
 
 
 class PairClassifier(nn.Module):
-    """LRA Retrieval: one encoder reads both documents; the authors' classifier (Linear, ReLU, Linear) reads
-    [rep(doc2), rep(doc1)], where rep is the encoder's pooled state (Luna), its first token (RoBERTa) or, with
-    `mean_pool`, the mean of RoBERTa's states over valid tokens (`--config small`)."""
+    """LRA Retrieval: one encoder reads both documents, rep is its pooled state (Luna), its first token (RoBERTa) or,
+    with `mean_pool`, the mean of RoBERTa's states over valid tokens (`--config small`). The classifier (Linear, ReLU,
+    Linear) reads the authors' [rep(doc2), rep(doc1)] or, with `harness_features` (`--config small`), the Skyformer /
+    Nystromformer harness's [u, v, u * v, u - v] (u = rep(doc1), v = rep(doc2)), whose product term exposes how
+    alike the two documents are to the first layer."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int, mean_pool: bool = False):
+    def __init__(self, encoder: nn.Module, num_labels: int, mean_pool: bool = False, harness_features: bool = False,
+                 classifier_size: int | None = None):
         super().__init__()
-        self.encoder, self.mean_pool = encoder, mean_pool
+        self.encoder, self.mean_pool, self.harness_features = encoder, mean_pool, harness_features
         hidden_size = encoder.config.hidden_size
-        self.classifier = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(),
-                                        nn.Linear(hidden_size, num_labels, bias=False))
+        classifier_size = classifier_size or hidden_size
+        self.classifier = nn.Sequential(nn.Linear((4 if harness_features else 2) * hidden_size, classifier_size),
+                                        nn.ReLU(), nn.Linear(classifier_size, num_labels, bias=harness_features))
 
     def represent(self, input_ids, attention_mask):
         outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
@@ -362,8 +366,10 @@ class PairClassifier(nn.Module):
         return outputs.last_hidden_state[:, 0]
 
     def forward(self, input_ids, attention_mask, input_ids2, attention_mask2, labels=None):
-        pair = torch.cat([self.represent(input_ids2, attention_mask2), self.represent(input_ids, attention_mask)], -1)
-        return classification_output(self.classifier(pair), labels)
+        second = self.represent(input_ids2, attention_mask2)  # doc 2 first: the order runs have always drawn dropout in
+        first = self.represent(input_ids, attention_mask)
+        pair = [first, second, first * second, first - second] if self.harness_features else [second, first]
+        return classification_output(self.classifier(torch.cat(pair, -1)), labels)
 
 
 def build_model(args: LRAArguments, task: TaskConfig, vocab_size: int, num_labels: int) -> nn.Module:
@@ -386,7 +392,9 @@ def build_model(args: LRAArguments, task: TaskConfig, vocab_size: int, num_label
     if args.task != "retrieval":
         return single(config)
     encoder = AutoModel.from_config(config, **({} if args.model != "transformer" else {"add_pooling_layer": False}))
-    return PairClassifier(encoder, num_labels, mean_pool=args.mean_pooled and args.model == "transformer")
+    small = args.config == "small"  # the harness's pair features and classifier width (its FFN size)
+    return PairClassifier(encoder, num_labels, mean_pool=args.mean_pooled and args.model == "transformer",
+                          harness_features=small, classifier_size=task.intermediate_size if small else None)
 
 
 # ---------------------------------------------------------------------------------------------------- training
