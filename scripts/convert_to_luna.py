@@ -107,6 +107,13 @@ class Arguments:
         default="learned_kernel", metadata={"help": "Luna's nested attention, or the learned-kernel linear attention."}
     )
     projected_length: int = field(default=16, metadata={"help": "l, the length of P (nested attention only)."})
+    kernel_num_projections: int = field(
+        default=16,
+        metadata={
+            "help": "m, the learned projections of the feature map (learned_kernel only): more fit softmax attention "
+            "more closely after transfer (docs/conversion.md) at the cost of more features per token."
+        },
+    )
     max_position_embeddings: int | None = field(
         default=None,
         metadata={
@@ -203,6 +210,7 @@ def luna_config(source_config, family: str, args: Arguments) -> LunaConfig:
         position_numbering=position_numbering,
         attention_type=args.attention,
         projected_length=args.projected_length,
+        kernel_num_projections=args.kernel_num_projections,
         tie_key_value=False,  # BERT's keys and values are separate projections
         tie_word_embeddings=getattr(source_config, "tie_word_embeddings", True),
         num_labels=source_config.num_labels,

@@ -358,6 +358,9 @@ def test_conversion_is_seeded(tmp_path):
     feature_maps = [name for name in first if "feature_map" in name]
     assert feature_maps and all(torch.equal(first[name], second[name]) for name in first)
     assert not all(torch.equal(first[name], other[name]) for name in feature_maps)
+    wider = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "m32", kernel_num_projections=32))
+    assert wider.config.kernel_num_projections == 32
+    assert wider.layers[0].attention.feature_map.projection_weight.shape[0] == 32
 
 
 def test_interrupted_transfer_leaves_no_folder(tmp_path, monkeypatch):
