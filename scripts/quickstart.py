@@ -86,7 +86,7 @@ class QuickstartArguments:
     transfer_learning_rate: float | None = field(
         default=None, metadata={"help": "Pretrained path: default 1e-2 (learned_kernel), 1e-3 (nested)."}
     )
-    finetune_steps: int = field(default=300, metadata={"help": "Pretrained path: SST-2 steps of 32 sentences."})
+    finetune_steps: int = field(default=600, metadata={"help": "Pretrained path: SST-2 steps of 32 sentences."})
     finetune_learning_rate: float = field(default=1e-4, metadata={"help": "Pretrained path: SST-2 learning rate."})
     cache_dir: str = field(
         default="data/pretrained", metadata={"help": "Pretrained path: where the downloaded model is kept."}
