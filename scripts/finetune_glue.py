@@ -45,6 +45,7 @@ from transformers import (
 )
 
 import luna_hf  # noqa: F401  (registers "luna" with the Auto classes)
+from luna_hf.model_card import LEARNED_KERNEL_DESCRIPTION
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ def render_model_card(repo_id, model, model_args, data_args, training_args, raw,
     text_pair = "text_pair" in next(iter(raw.values())).column_names
     example = EXAMPLES[2 if text_pair else 1]
     config = model.config
-    learned_kernel = getattr(config, "attention_type", None) == "learned_kernel"
+    learned_kernel = config.model_type == "luna" and config.attention_type == "learned_kernel"
 
     def describe(split, path):
         if split not in raw:
@@ -384,10 +385,11 @@ def render_model_card(repo_id, model, model_args, data_args, training_args, raw,
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
         model_id=repo_id,
-        model_type_name=("A learned-kernel (LUNA, 2025) encoder" if learned_kernel else "Luna")
-        if config.model_type == "luna" else config.model_type,
+        model_type_name="A learned-kernel (LUNA, 2025) encoder" if learned_kernel
+        else "Luna" if config.model_type == "luna" else config.model_type,
         is_luna=config.model_type == "luna",
-        attention_type="learned_kernel" if learned_kernel else None,
+        is_learned_kernel=learned_kernel,
+        learned_kernel_description=LEARNED_KERNEL_DESCRIPTION,
         projected_length=getattr(config, "projected_length", None),
         base_model_name=(f"`{base}`" if base_is_hub_id else f"a local checkpoint (`{Path(base).name}`)")
         + (" with random weights (no pretraining)" if model_args.from_scratch else ""),

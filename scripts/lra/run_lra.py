@@ -348,12 +348,12 @@ class PairClassifier(nn.Module):
     Nystromformer harness's [u, v, u * v, u - v] (u = rep(doc1), v = rep(doc2)), whose product term exposes how
     alike the two documents are to the first layer."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int, mean_pool: bool = False, harness_features: bool = False,
-                 classifier_size: int | None = None):
+    def __init__(self, encoder: nn.Module, num_labels: int, mean_pool: bool = False, harness_features: bool = False):
         super().__init__()
         self.encoder, self.mean_pool, self.harness_features = encoder, mean_pool, harness_features
         hidden_size = encoder.config.hidden_size
-        classifier_size = classifier_size or hidden_size
+        # the harness's hidden layer has the encoder's FFN width; the authors' has its hidden size
+        classifier_size = encoder.config.intermediate_size if harness_features else hidden_size
         self.classifier = nn.Sequential(nn.Linear((4 if harness_features else 2) * hidden_size, classifier_size),
                                         nn.ReLU(), nn.Linear(classifier_size, num_labels, bias=harness_features))
 
@@ -392,9 +392,8 @@ def build_model(args: LRAArguments, task: TaskConfig, vocab_size: int, num_label
     if args.task != "retrieval":
         return single(config)
     encoder = AutoModel.from_config(config, **({} if args.model != "transformer" else {"add_pooling_layer": False}))
-    small = args.config == "small"  # the harness's pair features and classifier width (its FFN size)
     return PairClassifier(encoder, num_labels, mean_pool=args.mean_pooled and args.model == "transformer",
-                          harness_features=small, classifier_size=task.intermediate_size if small else None)
+                          harness_features=args.config == "small")
 
 
 # ---------------------------------------------------------------------------------------------------- training

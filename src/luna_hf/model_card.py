@@ -6,6 +6,15 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+# What a learned-kernel model's card says its attention is; scripts/finetune_glue.py's GLUE card uses it too.
+LEARNED_KERNEL_DESCRIPTION = (
+    'Its attention is the learned-kernel linear attention of "LUNA: Linear Universal Neural Attention" (Shahbazi et '
+    "al., 2025, arXiv:2512.08061), in luna-hf's Luna model (`attention_type=\"learned_kernel\"`): each layer's softmax "
+    "is replaced by φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1) with a learned feature map φ, at a cost linear in the length, and "
+    "there is no extra sequence P. It is unrelated to Luna (*Linear Unified Nested Attention*, Ma et al., 2021), "
+    "whose nested attention it replaces."
+)
+
 TEMPLATE = """---
 {{ card_data }}
 ---
@@ -14,10 +23,7 @@ TEMPLATE = """---
 
 {{ summary }}
 {% if is_learned_kernel %}
-Its attention is the learned-kernel linear attention of "LUNA: Linear Universal Neural Attention" (Shahbazi et al.,
-2025), in luna-hf's Luna model (`attention_type="learned_kernel"`): each layer's softmax is replaced by
-φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1) with a learned feature map φ, at a cost linear in the length. It is unrelated to Luna
-(*Linear Unified Nested Attention*, Ma et al., 2021), whose nested attention it replaces.
+{{ learned_kernel_description }}
 {% elif is_luna %}
 Luna (*Linear Unified Nested Attention*, Ma et al., NeurIPS 2021, arXiv:2106.01540) is an encoder used like RoBERTa
 whose attention costs O(n·l) instead of O(n²): a short extra sequence P of l = {{ projected_length }} slots packs the
@@ -115,6 +121,7 @@ def write_model_card(
         summary=summary,
         is_luna=is_luna,
         is_learned_kernel=is_luna and getattr(config, "attention_type", "nested") == "learned_kernel",
+        learned_kernel_description=LEARNED_KERNEL_DESCRIPTION,
         projected_length=getattr(config, "projected_length", None),
         data=data,
         metrics=[(name, format_metric(value)) for name, value in metrics.items()],
