@@ -44,6 +44,7 @@ class Seq2SeqBenchmarkArguments:
     intermediate_size: int = 2048
     vocab_size: int = 8000
     threads: int = field(default=1, metadata={"help": "torch threads per model."})
+    device: str = field(default="cpu", metadata={"help": "cpu, or cuda for a GPU (timings synchronise the device)."})
     output: str = field(default="benchmarks/results/seq2seq_decoding.md")
 
     def __post_init__(self):
@@ -77,29 +78,36 @@ def build_model(args: Seq2SeqBenchmarkArguments, name: str):
     return LunaForConditionalGeneration(config)
 
 
+def clock(device: str) -> float:
+    """Wall time after the device has finished the work queued so far (CUDA kernels run asynchronously)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def measure_decoding(args: Seq2SeqBenchmarkArguments, name: str) -> list[dict]:
     torch.set_num_threads(args.threads)
-    model = build_model(args, name).eval()
-    start_token = torch.full((1, 1), model.config.decoder_start_token_id)
+    model = build_model(args, name).eval().to(args.device)
+    start_token = torch.full((1, 1), model.config.decoder_start_token_id, device=args.device)
     state, encode_seconds, step_seconds = {}, {}, {source: [] for source in args.sources}
     with torch.inference_mode():
         for source in args.sources:
             ids = torch.randint(3, args.vocab_size, (1, source), generator=torch.Generator().manual_seed(source))
-            start = time.perf_counter()
-            encoder_outputs = model.get_encoder()(input_ids=ids)
-            encode_seconds[source] = time.perf_counter() - start
+            start = clock(args.device)
+            encoder_outputs = model.get_encoder()(input_ids=ids.to(args.device))
+            encode_seconds[source] = clock(args.device) - start
             outputs = model(encoder_outputs=encoder_outputs, decoder_input_ids=start_token, use_cache=True)
             state[source] = (encoder_outputs, outputs.cache, outputs.logits[:, -1:].argmax(-1))
         for _ in range(args.rounds):
             for source in args.sources:
                 encoder_outputs, cache, next_token = state[source]
                 for step in range(args.warmup_tokens + args.new_tokens):
-                    start = time.perf_counter()
+                    start = clock(args.device)
                     outputs = model(encoder_outputs=encoder_outputs, decoder_input_ids=next_token, cache=cache,
                                     use_cache=True)  # fmt: skip
                     next_token = outputs.logits[:, -1:].argmax(-1)
                     if step >= args.warmup_tokens:
-                        step_seconds[source].append(time.perf_counter() - start)
+                        step_seconds[source].append(clock(args.device) - start)
                 state[source] = (encoder_outputs, cache, next_token)
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not Marian's fixed sinusoids
     rows = []
@@ -113,17 +121,24 @@ def measure_decoding(args: Seq2SeqBenchmarkArguments, name: str) -> list[dict]:
     return rows
 
 
-def report(args: Seq2SeqBenchmarkArguments, command: str, rows: list[dict], load_before: float) -> str:
+def machine(args: Seq2SeqBenchmarkArguments) -> str:
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(args.device)} ({cpu})"
+    load = f"load average {os.getloadavg()[0]:.2f} at the end"
+    return f"{cpu} shared with other work ({load}), {args.threads} torch thread(s) per model"
+
+
+def report(args: Seq2SeqBenchmarkArguments, command: str, rows: list[dict]) -> str:
     first, last = min(args.sources), max(args.sources)
     by_model = {name: {row["source"]: row for row in rows if row["model"] == name} for name in args.models}
     lines = [
-        "# Encoder-decoder Luna vs a Transformer with its KV cache: per-token decoding latency by source length (CPU)",
+        "# Encoder-decoder Luna vs a Transformer with its KV cache: per-token decoding latency by source length "
+        f"({'GPU' if args.device.startswith('cuda') else 'CPU'})",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other work "
-        f"(load average {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end), {args.threads} torch "
-        f"thread(s) per model, one process per model; torch {torch.__version__}, transformers "
+        f"Machine: {machine(args)}, one process per model; torch {torch.__version__}, transformers "
         f"{transformers.__version__}.",
         "",
         f"Models: {args.layers} + {args.layers} layers, width {args.hidden_size}, {args.num_attention_heads} heads, "
@@ -156,7 +171,6 @@ def report(args: Seq2SeqBenchmarkArguments, command: str, rows: list[dict], load
 def main():
     (args,) = HfArgumentParser(Seq2SeqBenchmarkArguments).parse_args_into_dataclasses()
     command = "python scripts/benchmark_seq2seq.py " + " ".join(sys.argv[1:])
-    load_before = os.getloadavg()[0]
     print(asdict(args), flush=True)
     rows = []
     for name in args.models:  # a fresh process per model: one model's memory does not slow the next
@@ -164,7 +178,7 @@ def main():
             rows += pool.apply(measure_decoding, (args, name))
         for row in rows[-len(args.sources) :]:
             print(f"{row['model']} source {row['source']}: {row['ms_per_token']:.2f} ms/token", flush=True)
-    text = report(args, command, rows, load_before)
+    text = report(args, command, rows)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output + ".tmp", "w") as handle:
         handle.write(text)

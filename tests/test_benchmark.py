@@ -177,7 +177,7 @@ def test_seq2seq_decoding_cache_is_constant_for_luna_and_grows_with_the_source_f
     luna, transformer = (cache["cache_mib"] for cache in (rows["luna-4", 8], rows["transformer", 8]))
     assert rows["luna-4", 96]["cache_mib"] == luna > 0  # l = 4 slots per layer, whatever the source
     assert rows["transformer", 96]["cache_mib"] > 8 * transformer  # cross-attention keys/values of every source token
-    report = seq2seq_script.report(args, "command", list(rows.values()), load_before=0.0)
+    report = seq2seq_script.report(args, "command", list(rows.values()))
     assert "| 96 |" in report and "luna-4: per-token latency at a 96-token source / at 8" in report
 
 
