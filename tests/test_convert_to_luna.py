@@ -383,3 +383,81 @@ def test_bfloat16_source_converts_to_float32(tmp_path):
     model = luna_hf.LunaModel.from_pretrained(convert(tmp_path / "source", tmp_path / "luna", attention="nested"))
     assert model.dtype == torch.float32
     assert torch.equal(model.embeddings.word_embeddings.weight, original.embeddings.word_embeddings.weight.float())
+
+
+def test_embedding_similarity_matches_mean_pooled_cosine(tmp_path):
+    """scripts/embedding_similarity.py against the cosine of mean-pooled final states computed here."""
+    similarity_script = importlib.import_module("embedding_similarity")
+    save_source(BertModel, bert_config(), tmp_path / "source")
+    folder = convert(tmp_path / "source", tmp_path / "luna")
+    sentences = ["the film is good", "a very dull movie", "not great", "fun fun fun the movie is very good"]
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{text}\t1\n" for text in sentences))
+    output = tmp_path / "table.md"
+    table = similarity_script.main(["--original", str(tmp_path / "source"), "--models", str(tmp_path / "source"),
+                                    str(folder), "--sentences_file", str(tmp_path / "dev.tsv"), "--output",
+                                    str(output)])  # fmt: skip
+
+    tokenizer = BertTokenizer.from_pretrained(tmp_path / "source")
+    inputs = tokenizer(sentences, return_tensors="pt", padding=True)
+    weights = inputs["attention_mask"].unsqueeze(-1).float()
+
+    def mean_pooled(model):
+        with torch.no_grad():
+            return (model(**inputs).last_hidden_state * weights).sum(1) / weights.sum(1)
+
+    expected = torch.nn.functional.cosine_similarity(
+        mean_pooled(BertModel.from_pretrained(tmp_path / "source").eval()),
+        mean_pooled(luna_hf.LunaModel.from_pretrained(folder).eval()),
+    )
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[2:5] for line in table.splitlines()[4:]}
+    assert float(rows["source"][0]) == pytest.approx(1.0, abs=1e-4)
+    mean, _, smallest = (float(cell) for cell in rows["luna"])
+    assert mean == pytest.approx(expected.mean().item(), abs=1e-4) and mean < 0.999
+    assert smallest == pytest.approx(expected.min().item(), abs=1e-4)
+    assert output.read_text() == table
+    with pytest.raises(SystemExit, match="no column 'text'"):
+        similarity_script.main(["--original", str(tmp_path / "source"), "--models", str(folder), "--sentences_file",
+                                str(tmp_path / "dev.tsv"), "--text_column", "text"])  # fmt: skip
+
+
+def test_long_documents_reads_chunks_and_extended_positions(tmp_path):
+    """scripts/long_documents.py: the chunked embedding equals the mean of each chunk's mean-pooled states computed
+    one chunk at a time here (no padding), the converted model reads past the original's positions, and the table
+    has one row per reading."""
+    long_script = importlib.import_module("long_documents")
+    save_source(BertModel, bert_config(), tmp_path / "source")
+    folder = convert(tmp_path / "source", tmp_path / "luna", max_position_embeddings=80)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for index in range(10):
+        words = [WORDS[i] for i in torch.randint(0, len(WORDS), (40 + 7 * index,), generator=generator)]
+        rows.append({"text": " ".join(words), "label": "good" if index % 2 else "bad"})
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    model = BertModel.from_pretrained(tmp_path / "source").eval()
+    tokenizer = BertTokenizer.from_pretrained(tmp_path / "source")
+    text = rows[-1]["text"]
+    embedding, tokens = long_script.embed_chunks(model, tokenizer, text, 32)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 103 and tokens == 103 + 2 * 4  # four chunks, each with [CLS] and [SEP]
+    with torch.no_grad():
+        expected = torch.stack([
+            model(torch.tensor([[2, *ids[start : start + 30], 3]])).last_hidden_state[0].mean(0)
+            for start in range(0, len(ids), 30)
+        ]).mean(0)  # fmt: skip
+    torch.testing.assert_close(embedding, expected, atol=1e-5, rtol=1e-5)
+
+    luna = luna_hf.LunaModel.from_pretrained(folder).eval()
+    _, read = long_script.embed_prefix(luna, tokenizer, text, 80)
+    assert read == 80
+
+    table = long_script.main(["--original", str(tmp_path / "source"), "--converted", str(folder), "--max_length",
+                              "80", "--chunk_length", "32", "--documents_file", str(tmp_path / "docs.jsonl"),
+                              "--folds", "2", "--output", str(tmp_path / "table.md")])  # fmt: skip
+    lines = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [line.split("|")[2].strip() for line in lines] == [
+        "first 32 tokens", "all, 32-token chunks averaged", "first 80 tokens"]  # fmt: skip
+    assert (tmp_path / "table.md").read_text() == table
+    with pytest.raises(SystemExit, match="fewer than --folds 6"):
+        long_script.main(["--original", str(tmp_path / "source"), "--documents_file", str(tmp_path / "docs.jsonl"),
+                          "--folds", "6"])  # fmt: skip
