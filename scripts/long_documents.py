@@ -20,12 +20,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from prepare_corpus import brown_documents  # the Brown corpus exactly as the pretraining corpus reads it
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -52,9 +52,6 @@ class LongDocumentArguments:
 
 
 def brown_genres(download_dir: str) -> list[tuple[str, str]]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from prepare_corpus import brown_documents  # the corpus exactly as the pretraining corpus reads it
-
     Path(download_dir).mkdir(parents=True, exist_ok=True)
     return [(text, name.split("/")[-1][1]) for name, text in brown_documents(Path(download_dir))]
 
@@ -140,9 +137,8 @@ def main(argv=None):
     print(table)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=Path(args.output).parent, delete=False, suffix=".partial") as f:
-            f.write(table)
-        os.replace(f.name, args.output)
+        Path(args.output + ".partial").write_text(table, encoding="utf-8")
+        os.replace(args.output + ".partial", args.output)
     return table
 
 
