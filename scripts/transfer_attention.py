@@ -24,6 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import torch
@@ -65,15 +66,27 @@ class TransferArguments:
     dataset_split: str = field(default="train", metadata={"help": "The dataset's split."})
     max_samples: int | None = field(default=None, metadata={"help": "Use the first N texts only."})
     max_length: int = field(default=128, metadata={"help": "Truncate texts to this many tokens."})
+    transfer_loss: Literal["output_mse", "attention_kl"] = field(
+        default="output_mse",
+        metadata={
+            "help": "What each layer imitates: 'output_mse', the attention's output (LoLCATs); 'attention_kl', the "
+            "attention weights, KL(teacher || student) per real query (Hedgehog; learned_kernel only)."
+        },
+    )
 
 
 class AttentionTransfer(nn.Module):
     """The frozen teacher and the student's encoder; `forward` returns the mean per-layer loss (`loss`) and the loss
     of each layer (`layer_losses`)."""
 
-    def __init__(self, student: luna_hf.LunaModel, teacher: nn.Module):
+    def __init__(self, student: luna_hf.LunaModel, teacher: nn.Module, transfer_loss: str = "output_mse"):
         super().__init__()
-        self.student = student
+        if transfer_loss == "attention_kl" and student.config.attention_type != "learned_kernel":
+            raise ValueError(
+                "--transfer_loss attention_kl needs the learned-kernel attention: nested Luna's tokens "
+                "attend to P, not to each other, so there are no weights to compare with the teacher's."
+            )
+        self.student, self.transfer_loss = student, transfer_loss
         # Not a submodule: the Trainer's checkpoints then hold the student alone, and its optimizer never sees it.
         self.frozen_teacher = (teacher.eval().requires_grad_(False),)
         self.teacher_inputs = None  # the teacher's layer inputs, set per batch
@@ -113,20 +126,33 @@ class AttentionTransfer(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         teacher = self.frozen_teacher[0].to(input_ids.device)
+        weights = self.transfer_loss == "attention_kl"
         with torch.no_grad():
             teacher_kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            teacher_outputs = teacher(input_ids, attention_mask, output_hidden_states=True, **teacher_kwargs)
+            teacher_outputs = teacher(
+                input_ids, attention_mask, output_hidden_states=True, output_attentions=weights, **teacher_kwargs
+            )
         self.teacher_inputs = teacher_outputs.hidden_states
         student_kwargs = {"token_type_ids": token_type_ids} if self.student.config.type_vocab_size > 0 else {}
-        self.student(input_ids, attention_mask, **student_kwargs)
+        student_outputs = self.student(input_ids, attention_mask, output_attentions=weights, **student_kwargs)
         real = attention_mask.bool()
-        layer_losses = torch.stack(
-            [
-                nn.functional.mse_loss(student[real], teacher[real])
-                for student, teacher in zip(self.student_outputs, self.teacher_outputs, strict=True)
-            ]
-        )
+        if weights:
+            pairs = zip(student_outputs.attentions, teacher_outputs.attentions, strict=True)
+            layer_losses = torch.stack([attention_kl(student, teacher, real) for student, teacher in pairs])
+        else:
+            pairs = zip(self.student_outputs, self.teacher_outputs, strict=True)
+            layer_losses = torch.stack([nn.functional.mse_loss(s[real], t[real]) for s, t in pairs])
         return {"loss": layer_losses.mean(), "layer_losses": layer_losses}
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the attention weights (batch, heads, n, n), summed over the keys, averaged over the
+    heads and the real queries: Hedgehog's soft-label cross-entropy less the teacher's entropy, so 0 when they agree.
+    Padded keys carry no weight in either."""
+    student, teacher = student.float(), teacher.float()
+    divergence = teacher * (teacher.clamp(min=1e-12).log() - student.clamp(min=1e-12).log())
+    per_query = divergence.sum(dim=-1).mean(dim=1)  # (batch, n)
+    return per_query[real].mean()
 
 
 def read_texts(args: TransferArguments) -> list[str]:
@@ -201,7 +227,7 @@ def main(argv=None):
     trained = freeze_all_but_new_attention(student)
     logger.info("Training %d tensors (%d parameters) of %s", len(trained),
                 sum(p.numel() for p in student.parameters() if p.requires_grad), args.model_name_or_path)  # fmt: skip
-    transfer = AttentionTransfer(student.base_model, teacher)
+    transfer = AttentionTransfer(student.base_model, teacher, args.transfer_loss)
 
     # Phase 2: the text.
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)

@@ -309,6 +309,57 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(t
     assert any(not torch.equal(altered_state[name], transferred_state[name]) for name in new)
 
 
+def test_attention_kl_transfer_is_the_divergence_of_the_weights_and_lowers_it(tmp_path):
+    save_source(BertForSequenceClassification, bert_config(), tmp_path / "source")
+    folder = convert(tmp_path / "source", tmp_path / "luna")
+    teacher = BertModel.from_pretrained(tmp_path / "source", attn_implementation="eager")
+    tokenizer = BertTokenizer.from_pretrained(folder)
+    lines = [" ".join(WORDS[(3 * row + column) % len(WORDS)] for column in range(2 + row % 7)) for row in range(64)]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{line}\t0\n" for line in lines))
+    inputs = tokenizer(lines[:8], return_tensors="pt", padding=True)
+    real = inputs["attention_mask"].bool()
+
+    def losses(model_dir):
+        student = luna_hf.LunaForSequenceClassification.from_pretrained(model_dir)
+        with torch.no_grad():
+            return student, transfer_script.AttentionTransfer(student.base_model, teacher, "attention_kl")(**inputs)
+
+    student, result = losses(folder)
+    # Independently: each student layer's weights from the teacher's input of that layer, written out here.
+    with torch.no_grad():
+        taught = teacher(**inputs, output_hidden_states=True, output_attentions=True)
+        for index, layer in enumerate(student.luna.layers):
+            attention = layer.attention
+            query, key = (
+                projection(taught.hidden_states[index]) for projection in (attention.q_proj, attention.k_proj)
+            )
+            query, key = (states.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2) for states in (query, key))
+            scores = attention.feature_map(query) @ attention.feature_map(key).mT
+            scores = scores * real[:, None, None, :]
+            weights = scores / scores.sum(dim=-1, keepdim=True)
+            target = taught.attentions[index]
+            divergence = nn.functional.kl_div(weights.clamp(min=1e-12).log(), target, reduction="none").sum(-1)
+            expected = divergence.mean(dim=1)[real].mean()
+            torch.testing.assert_close(result["layer_losses"][index], expected, rtol=1e-4, atol=1e-6)
+    assert (result["layer_losses"] > 0).all()
+
+    transfer_script.main([
+        "--model_name_or_path", str(folder), "--teacher_name_or_path", str(tmp_path / "source"),
+        "--train_file", str(tmp_path / "train.tsv"), "--transferred_model_dir", str(tmp_path / "transferred"),
+        "--output_dir", str(tmp_path / "checkpoints"), "--max_steps", "30", "--learning_rate", "1e-2",
+        "--per_device_train_batch_size", "16", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
+        "--use_cpu", "--disable_tqdm", "true", "--transfer_loss", "attention_kl",
+    ])  # fmt: skip
+    _, after = losses(tmp_path / "transferred")
+    assert (after["layer_losses"] < result["layer_losses"]).all(), (result["layer_losses"], after["layer_losses"])
+
+    nested = convert(tmp_path / "source", tmp_path / "nested", attention="nested", projected_length=4)
+    with pytest.raises(ValueError, match="attention_kl needs the learned-kernel attention"):
+        transfer_script.AttentionTransfer(
+            luna_hf.LunaModel.from_pretrained(nested), teacher, transfer_loss="attention_kl"
+        )
+
+
 def test_bad_input_is_refused_and_writes_nothing(tmp_path):
     DistilBertModel(DistilBertConfig(vocab_size=20, dim=32, n_layers=1, n_heads=4, hidden_dim=64)).save_pretrained(
         tmp_path / "distilbert"
