@@ -13,10 +13,10 @@ everything the conversion copied stay frozen. Each student layer is fed the teac
 loss is the mean over layers of the mean squared error between the two attention outputs (after the output
 projection, before the residual) over the real tokens, so the layers train independently (as in LoLCATs); with
 `--transfer_loss attention_kl` (learned kernel only) it is KL(teacher || student) of the attention weights instead
-(Hedgehog). P still flows through the student's layers. Dropout is off in both models. The Trainer gives the progress bar, the seed and
-the checkpoints in `--output_dir` (`--resume_from_checkpoint`); the transferred model (with its head and tokenizer)
-is written to `--transferred_model_dir` through a staging folder, renamed when complete. Then fine-tune it on the
-task with `scripts/finetune_glue.py`. See docs/conversion.md.
+(Hedgehog). P still flows through the student's layers. Dropout is off in both models. The Trainer gives the
+progress bar, the seed and the checkpoints in `--output_dir` (`--resume_from_checkpoint`); the transferred model
+(with its head and tokenizer) is written to `--transferred_model_dir` through a staging folder, renamed when
+complete. Then fine-tune it on the task with `scripts/finetune_glue.py`. See docs/conversion.md.
 """
 
 import logging
