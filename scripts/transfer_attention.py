@@ -149,9 +149,9 @@ class AttentionTransfer(nn.Module):
 def attention_kl(student: torch.Tensor, teacher: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) of the attention weights (batch, heads, n, n), summed over the keys, averaged over the
     heads and the real queries: Hedgehog's soft-label cross-entropy less the teacher's entropy, so 0 when they agree.
-    Padded keys carry no weight in either."""
-    student, teacher = student.float(), teacher.float()
-    divergence = teacher * (teacher.clamp(min=1e-12).log() - student.clamp(min=1e-12).log())
+    Padded keys carry no weight in either (a zero target adds nothing to `kl_div`)."""
+    log_student = student.float().clamp(min=1e-12).log()
+    divergence = nn.functional.kl_div(log_student, teacher.float(), reduction="none")
     per_query = divergence.sum(dim=-1).mean(dim=1)  # (batch, n)
     return per_query[real].mean()
 
