@@ -31,6 +31,7 @@ from datasets import ClassLabel, DatasetDict, Features, load_dataset
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -139,6 +140,21 @@ class ModelArguments:
     from_scratch: bool = field(
         default=False, metadata={"help": "Random weights from the config: a baseline without pretraining."}
     )
+    teacher_name_or_path: str | None = field(
+        default=None, metadata={"help": "A classifier finetuned on the same task with the same tokenizer (e.g. the "
+                                        "model this one was converted from) to distil from: the training loss "
+                                        "becomes (1 - alpha) * task loss + alpha * T^2 * KL(teacher || model) of "
+                                        "the predictions at temperature T (Hinton et al., 2015)."}
+    )
+    distillation_alpha: float = field(default=0.5, metadata={"help": "alpha: the distillation term's weight."})
+    distillation_temperature: float = field(default=2.0, metadata={"help": "T: softens both predictions."})
+
+    def __post_init__(self):
+        if not 0 <= self.distillation_alpha <= 1 or self.distillation_temperature <= 0:
+            raise ValueError(
+                f"--distillation_alpha must lie in [0, 1] (got {self.distillation_alpha}) and "
+                f"--distillation_temperature must be positive (got {self.distillation_temperature})."
+            )
 
 
 @dataclass
@@ -326,6 +342,55 @@ class CardTrainer(Trainer):
             self.model_card.save(os.path.join(self.args.output_dir, "README.md"))
 
 
+class DistillingTrainer(CardTrainer):
+    """The task loss mixed with the distillation loss from a frozen teacher, in training; evaluation keeps the task
+    loss alone."""
+
+    def __init__(self, *args, teacher, alpha, temperature, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.alpha, self.temperature = teacher.to(self.args.device).eval(), alpha, temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            distillation = distillation_loss(outputs.logits, teacher_logits, self.temperature)
+            loss = (1 - self.alpha) * loss + self.alpha * distillation
+        return (loss, outputs) if return_outputs else loss
+
+
+def distillation_loss(logits, teacher_logits, temperature):
+    """T^2 * KL(teacher || model) of the predictions softened by T, averaged over examples (Hinton et al., 2015):
+    T^2 keeps its gradients on the task loss's scale whatever T."""
+    log_probabilities = torch.log_softmax(logits.float() / temperature, dim=-1)
+    teacher_log_probabilities = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    divergence = nn.functional.kl_div(log_probabilities, teacher_log_probabilities, reduction="batchmean",
+                                      log_target=True)
+    return divergence * temperature**2
+
+
+def load_teacher(model_args, config, tokenizer):
+    """The frozen teacher of --teacher_name_or_path, checked to predict the model's labels from the same token ids."""
+    path = model_args.teacher_name_or_path
+    if config.problem_type == "regression":
+        raise ValueError("--teacher_name_or_path distils a classifier's predictions; this task is a regression.")
+    options = dict(cache_dir=model_args.cache_dir, token=model_args.token,
+                   trust_remote_code=model_args.trust_remote_code)
+    teacher = AutoModelForSequenceClassification.from_pretrained(path, **options)
+    if teacher.config.id2label != config.id2label:
+        raise ValueError(
+            f"The teacher {path} predicts {list(teacher.config.id2label.values())}, the task's labels are "
+            f"{list(config.id2label.values())} (in that order): distil from a model finetuned on this task."
+        )
+    if AutoTokenizer.from_pretrained(path, **options).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"The teacher {path} has another tokenizer than the model: both read the same token ids, so distil from "
+            "a model with the model's tokenizer (e.g. the one it was converted from)."
+        )
+    return teacher.requires_grad_(False)
+
+
 def is_qqp(task, keys, files):
     """QQP by task name, by its column names, or by a file path naming it."""
     return task == "qqp" or tuple(keys) == ("question1", "question2") or any("qqp" in f.lower() for f in files)
@@ -369,6 +434,8 @@ def render_model_card(repo_id, model, model_args, data_args, training_args, raw,
         ("early stopping patience", data_args.early_stopping_patience),
         ("best checkpoint by", arguments.metric_for_best_model if arguments.load_best_model_at_end else "last"),
         ("seed", arguments.seed),
+        ("distilled from", f"`{Path(model_args.teacher_name_or_path).name}` (alpha {model_args.distillation_alpha:g}, "
+                           f"T {model_args.distillation_temperature:g})" if model_args.teacher_name_or_path else None),
     ]
     text_pair = "text_pair" in next(iter(raw.values())).column_names
     example = EXAMPLES[2 if text_pair else 1]
@@ -443,10 +510,29 @@ def main(argv=None):
     logger.setLevel(logging.INFO if training_args.should_log else log_level)  # this script's own messages
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
-    task = data_args.task_name
     set_seed(training_args.seed)
 
-    # Data
+    raw, label_names, data_source, qqp = load_data(model_args, data_args, training_args)
+    model, tokenizer, max_seq_length = load_model(model_args, data_args, label_names)
+    encoded = tokenize_splits(raw, tokenizer, max_seq_length, data_args, training_args)
+    trainer = build_trainer(model, tokenizer, encoded, model_args, data_args, training_args, label_names is None)
+    all_metrics = train_evaluate_predict(trainer, tokenizer, raw, encoded, label_names, data_args, training_args)
+
+    if training_args.do_train or training_args.push_to_hub:  # the saved folder's card; a push uploads the same one
+        repo_id = getattr(trainer, "hub_model_id", None) or training_args.hub_model_id  # Trainer adds the namespace
+        trainer.model_card = render_model_card(
+            repo_id or Path(training_args.output_dir).name, trainer.model, model_args, data_args, training_args, raw,
+            all_metrics, data_source, qqp,
+        )
+        trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"Finetuned on {data_args.task_name or 'local data'}")
+    return all_metrics
+
+
+def load_data(model_args, data_args, training_args):
+    """The raw splits with encoded labels, their label names (None: regression), source, and whether it is QQP."""
+    task = data_args.task_name
     files = {s: f for s, f in (("train", data_args.train_file), ("validation", data_args.validation_file),
                                ("test", data_args.test_file)) if f}
     if not files and task and data_args.glue_dir:
@@ -459,9 +545,12 @@ def main(argv=None):
         raise SystemExit("Refusing to push a model trained on QQP: Quora's terms allow non-commercial use only. If "
                          "your use complies, pass --allow_noncommercial_push (the card then states the terms).")
     label_names, raw = encode_labels(raw, task)
-    is_regression = label_names is None
+    return raw, label_names, data_source, qqp
 
-    # Model and tokenizer
+
+def load_model(model_args, data_args, label_names):
+    """The classifier with the task's labels, its tokenizer, and the input length both allow."""
+    is_regression, task = label_names is None, data_args.task_name
     config = AutoConfig.from_pretrained(
         model_args.config_name or model_args.model_name_or_path,
         num_labels=1 if is_regression else len(label_names),
@@ -495,7 +584,10 @@ def main(argv=None):
     if max_seq_length < data_args.max_seq_length:
         logger.warning(f"--max_seq_length {data_args.max_seq_length} exceeds what the model takes: using "
                        f"{max_seq_length}.")
+    return model, tokenizer, max_seq_length
 
+
+def tokenize_splits(raw, tokenizer, max_seq_length, data_args, training_args):
     def tokenize(batch):
         texts = (batch["text"], batch["text_pair"]) if "text_pair" in batch else (batch["text"],)
         return tokenizer(*texts, padding="max_length" if data_args.pad_to_max_length else False,
@@ -514,9 +606,12 @@ def main(argv=None):
         needed = training_args.do_train if split == "train" else training_args.do_eval
         if needed and split not in encoded:
             raise ValueError(f"--do_{'train' if split == 'train' else 'eval'} needs a {split} split.")
+    return encoded
 
-    # Training
-    metric = TaskMetric(task, is_regression, model_args.cache_dir)
+
+def build_trainer(model, tokenizer, encoded, model_args, data_args, training_args, is_regression):
+    """The Trainer with the task's metric and early stopping; a DistillingTrainer when a teacher is given."""
+    metric = TaskMetric(data_args.task_name, is_regression, model_args.cache_dir)
     if training_args.load_best_model_at_end and training_args.metric_for_best_model is None:
         training_args.metric_for_best_model, training_args.greater_is_better = metric.names[0], True
     callbacks = []
@@ -524,7 +619,11 @@ def main(argv=None):
         if not training_args.load_best_model_at_end:
             raise ValueError("--early_stopping_patience needs --load_best_model_at_end (and eval/save strategies).")
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
-    trainer = CardTrainer(
+    distillation = {}
+    if model_args.teacher_name_or_path:
+        distillation = dict(teacher=load_teacher(model_args, model.config, tokenizer),
+                            alpha=model_args.distillation_alpha, temperature=model_args.distillation_temperature)
+    return (DistillingTrainer if distillation else CardTrainer)(
         model=model,
         args=training_args,
         train_dataset=encoded["train"] if training_args.do_train else None,
@@ -533,7 +632,12 @@ def main(argv=None):
         data_collator=None if data_args.pad_to_max_length else DataCollatorWithPadding(tokenizer),
         compute_metrics=metric,
         callbacks=callbacks,
+        **distillation,
     )
+
+
+def train_evaluate_predict(trainer, tokenizer, raw, encoded, label_names, data_args, training_args):
+    """--do_train, --do_eval, --do_predict in turn; returns their metrics."""
     all_metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -554,22 +658,13 @@ def main(argv=None):
             raise ValueError("--do_predict needs a test split (--test_file, or a task with one).")
         test = encoded["test"].remove_columns([c for c in ("label",) if c in encoded["test"].column_names])
         logits = trainer.predict(test, metric_key_prefix="predict").predictions
+        is_regression, task = label_names is None, data_args.task_name
         predictions = np.squeeze(logits) if is_regression else np.argmax(logits, axis=1)
         if trainer.is_world_process_zero():
             path = Path(training_args.output_dir) / f"predict_results_{task or 'local'}.txt"
             lines = [f"{i}\t{p:.3f}" if is_regression else f"{i}\t{label_names[p]}" for i, p in enumerate(predictions)]
             path.write_text("index\tprediction\n" + "\n".join(lines) + "\n")
             logger.info(f"Predictions written to {path}")
-
-    if training_args.do_train or training_args.push_to_hub:  # the saved folder's card; a push uploads the same one
-        repo_id = getattr(trainer, "hub_model_id", None) or training_args.hub_model_id  # Trainer adds the namespace
-        trainer.model_card = render_model_card(
-            repo_id or Path(training_args.output_dir).name, trainer.model, model_args, data_args, training_args, raw,
-            all_metrics, data_source, qqp,
-        )
-        trainer.create_model_card()
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message=f"Finetuned on {task or 'local data'}")
     return all_metrics
 
 

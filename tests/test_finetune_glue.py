@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import BertConfig, EvalPrediction, RobertaConfig, RobertaForMaskedLM, pipeline
+from transformers import AutoTokenizer, BertConfig, EvalPrediction, RobertaConfig, RobertaForMaskedLM, pipeline
 
 from luna_hf import LunaForMaskedLM
 
@@ -225,6 +225,34 @@ def test_roberta_checkpoint_and_bert_config_side_by_side(work, tmp_path):
     assert json.loads((tmp_path / "bert" / "config.json").read_text())["model_type"] == "bert"
 
 
+def test_distillation_loss_is_the_softened_divergence_scaled_by_t_squared():
+    torch.manual_seed(0)
+    logits, teacher_logits, temperature = torch.randn(5, 3), 3 * torch.randn(5, 3), 2.0
+    teacher = torch.exp(teacher_logits / temperature) / torch.exp(teacher_logits / temperature).sum(-1, keepdim=True)
+    model = torch.exp(logits / temperature) / torch.exp(logits / temperature).sum(-1, keepdim=True)
+    expected = temperature**2 * (teacher * (teacher.log() - model.log())).sum(-1).mean()
+    assert torch.allclose(finetune_glue.distillation_loss(logits, teacher_logits, temperature), expected)
+
+
+def test_distillation_teaches_the_teacher_s_answers(work, tmp_path):
+    """A teacher trained on SST-2 with its labels flipped: distilled from alone (alpha 1), the model learns the
+    flipped answers, which the gold labels it is given would not teach; the card names the teacher."""
+    root, glue = work
+    rows = finetune_glue.read_table(glue / "sst2" / "train.tsv", None)
+    hub_fixture.write_tsv(tmp_path / "flipped.tsv", ["sentence", "label"],
+                          [(s, 1 - y) for s, y in zip(rows["sentence"], rows["label"], strict=True)])
+    recipe = ["--task_name", "sst2", "--validation_file", glue / "sst2" / "dev.tsv", "--do_train", "--do_eval",
+              "--learning_rate", "3e-3", "--num_train_epochs", "6", "--warmup_steps", "0.1"]
+    teacher = run(work, "--model_name_or_path", root / "roberta-mlm", "--train_file", tmp_path / "flipped.tsv",
+                  *recipe, "--output_dir", tmp_path / "teacher")
+    assert teacher["eval_accuracy"] <= 0.1, teacher
+    distilled = run(work, "--model_name_or_path", root / "luna-mlm", "--train_file", glue / "sst2" / "train.tsv",
+                    *recipe, "--output_dir", tmp_path / "distilled", "--teacher_name_or_path", tmp_path / "teacher",
+                    "--distillation_alpha", "1", "--distillation_temperature", "1")
+    assert distilled["eval_accuracy"] <= 0.1, distilled
+    assert "| distilled from | `teacher` (alpha 1, T 1) |" in ModelCard.load(tmp_path / "distilled" / "README.md").text
+
+
 def test_bad_input_gives_clear_errors(work, tmp_path):
     root, glue = work
     base = ["--model_name_or_path", root / "luna-mlm", "--output_dir", tmp_path, "--do_train"]
@@ -239,6 +267,21 @@ def test_bad_input_gives_clear_errors(work, tmp_path):
         run(work, *base, "--train_file", glue / "sst2" / "test.tsv")
     with pytest.raises(FileNotFoundError, match="No qnli or QNLI folder"):
         run(work, *base, "--task_name", "qnli", "--glue_dir", glue / "sst2")
+    with pytest.raises(ValueError, match="--distillation_alpha must lie in"):
+        run(work, *base, "--task_name", "sst2", "--distillation_alpha", "1.5")
+    sst2 = ["--task_name", "sst2", "--train_file", glue / "sst2" / "train.tsv", "--max_steps", "1"]
+    with pytest.raises(ValueError, match=r"predicts \['LABEL_0', 'LABEL_1'\], the task's labels are \['negative'"):
+        run(work, *base, *sst2, "--teacher_name_or_path", root / "roberta-mlm")
+    stsb = tmp_path / "stsb.jsonl"
+    stsb.write_text(json.dumps({"sentence1": "a", "sentence2": "b", "label": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="distils a classifier's predictions"):
+        run(work, *base, "--train_file", stsb, "--teacher_name_or_path", root / "roberta-mlm")
+    run(work, *base, *sst2, "--output_dir", tmp_path / "teacher")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    tokenizer.add_tokens(["zebra"])
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="has another tokenizer than the model"):
+        run(work, *base, *sst2, "--teacher_name_or_path", tmp_path / "teacher")
     with pytest.raises(SystemExit, match="Refusing to push a model trained on QQP"):
         run(work, *base, "--train_file", glue / "qqp" / "train_subset.tsv", "--push_to_hub",
             "--hub_model_id", "someone/qqp")
