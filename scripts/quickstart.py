@@ -94,6 +94,11 @@ class QuickstartArguments:
                   "finetuned teacher, finetune again), as the 2025 paper converts finetuned checkpoints; "
                   "`--post_hoc false` converts the pretrained one and finetunes once."},
     )  # fmt: skip
+    distill: bool = field(
+        default=True,
+        metadata={"help": "Pretrained path, post hoc: the last finetuning also distils the finetuned original's "
+                  "predictions (finetune_glue.py --teacher_name_or_path, alpha 0.5, T 2)."},
+    )  # fmt: skip
     finetune_steps: int = field(
         default=300, metadata={"help": "Pretrained path: SST-2 steps of 32 sentences (each finetuning)."}
     )
@@ -227,20 +232,30 @@ def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) 
             "--save_total_limit", "1", "--report_to", "none", "--seed", str(args.seed),
             "--output_dir", str(checkpoints), "--transferred_model_dir", str(transferred), *resume,
         )  # fmt: skip
-    finetuned = finetune(args, data_arguments, transferred, prefix.with_name(f"{prefix.name}-sst2"), f"{total}/{total}")
-    return (
-        finetuned,
-        f"{name}, {variant.replace('-l', ' l=').replace('-m', ' m=')} attention{' (post hoc)' * args.post_hoc}",
-    )
+    teacher = model if args.post_hoc and args.distill else None  # the finetuned original, post hoc
+    finetuned = prefix.with_name(f"{prefix.name}-{'distilled-' * bool(teacher)}sst2")
+    finetune(args, data_arguments, transferred, finetuned, f"{total}/{total}", teacher)
+    route = " (post hoc, distilled)" if teacher else " (post hoc)" if args.post_hoc else ""
+    return finetuned, f"{name}, {variant.replace('-l', ' l=').replace('-m', ' m=')} attention{route}"
 
 
-def finetune(args: QuickstartArguments, data_arguments: list[str], model: Path, finetuned: Path, step: str) -> Path:
-    """finetune_glue.py on SST-2 with the quickstart's recipe, unless `finetuned` holds its results already."""
+def finetune(
+    args: QuickstartArguments,
+    data_arguments: list[str],
+    model: Path,
+    finetuned: Path,
+    step: str,
+    teacher: Path | None = None,
+) -> Path:
+    """finetune_glue.py on SST-2 with the quickstart's recipe, distilling `teacher`'s predictions if given, unless
+    `finetuned` holds its results already."""
     if not (finetuned / "eval_results.json").is_file():
         samples = ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
+        distillation = ["--teacher_name_or_path", str(teacher)] if teacher else []
+        distilling = f", distilling {teacher.name}'s predictions" if teacher else ""
         run_step(
-            f"{step} Finetune {model.name} on SST-2 with the Trainer", "finetune_glue.py",
-            "--model_name_or_path", str(model), "--task_name", "sst2", *data_arguments, *samples,
+            f"{step} Finetune {model.name} on SST-2 with the Trainer{distilling}", "finetune_glue.py",
+            "--model_name_or_path", str(model), "--task_name", "sst2", *data_arguments, *samples, *distillation,
             "--do_train", "--do_eval", "--max_seq_length", "64", "--per_device_train_batch_size", "32",
             "--learning_rate", str(args.finetune_learning_rate), "--warmup_steps", "0.06", "--weight_decay", "0.01",
             "--max_steps", str(args.finetune_steps), "--eval_strategy", "no", "--save_strategy", "no",

@@ -128,8 +128,12 @@ def test_from_pretrained_converts_transfers_finetunes_then_resumes(tmp_path, att
     assert f"=== 1/{total}" not in out and "Pretrain" not in out  # a local folder: nothing to obtain or pretrain
     accuracy, predictions = summary_and_predictions(out)
     summary = f"tiny-bert, {variant.replace('-l', ' l=').replace('-m', ' m=')} attention"
-    assert 0.0 <= accuracy <= 1.0 and summary + " (post hoc)" * post_hoc + "; SST-2" in out
+    assert 0.0 <= accuracy <= 1.0 and summary + " (post hoc, distilled)" * post_hoc + "; SST-2" in out
     assert len(predictions) == 3
+    # Post hoc, the last finetuning distils the finetuned original's predictions; its card says so.
+    final = tmp_path / "out" / f"tiny-bert{'-sst2' * post_hoc}-{variant}-{'distilled-' * post_hoc}sst2"
+    distilled = "| distilled from | `tiny-bert-softmax-sst2` (alpha 0.5, T 2) |" in (final / "README.md").read_text()
+    assert distilled == post_hoc and ("distilling tiny-bert-softmax-sst2's predictions" in out) == post_hoc
 
     # What is converted: the finetuned classifier (post hoc) or the pretrained one; the converted head's dense layer
     # is its BERT pooler, and the transfer's teacher is that same model.
