@@ -18,7 +18,8 @@ SST-2 comes from a local GLUE folder (`--glue_dir DIR` or `GLUE_DIR=DIR`, holdin
 `sst2/dev.tsv` or `SST-2/...`), otherwise from the Hub (`nyu-mll/glue`). `--model_type roberta` runs the identical
 pipeline on a same-size RoBERTa, for a side-by-side comparison. Each step is one of the project's scripts, printed
 before it runs; a step whose output already exists is skipped, so an interrupted quickstart continues where it
-stopped (delete `--output_dir` to start over).
+stopped (delete `--output_dir` to start over). A folder made with other options (seed, steps, learning rates, as
+recorded in `--output_dir`/quickstart_steps.json) is not reused: the quickstart stops and names the change.
 """
 
 import json
@@ -159,14 +160,56 @@ def run_step(title: str, script: str, *arguments: str):
         )
 
 
+class StepRecord:
+    """`quickstart_steps.json` in --output_dir: the options each step's folder was made with, its own and those of
+    the folders it was made from. A step whose folder exists is skipped only when it was made with the options of
+    this run; made with others, the quickstart stops and says so, rather than reuse it silently (a folder made
+    before the record existed is reused, as before)."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / "quickstart_steps.json"
+        self.options: dict[Path, dict] = {}  # this run's options of each folder visited
+
+    def reusable(self, folder: Path, exists: bool, own_options: dict, made_from: Path | None = None) -> bool:
+        """Whether `folder`, the output of a step (`exists`: it is complete), can be reused; stops the quickstart
+        when it was made with other options than this run's."""
+        options = self.options[folder] = {**self.options.get(made_from, {}), **own_options}
+        if not exists:
+            return False
+        recorded = self.read().get(folder.name)
+        if recorded is not None and recorded != options:
+            changes = ", ".join(
+                f"--{name} {recorded.get(name)} (now {value})"
+                for name, value in options.items()
+                if recorded.get(name) != value
+            )
+            raise SystemExit(
+                f"{folder} was made with {changes}. Pass another --output_dir, or delete {folder} (and the folders "
+                "made from it) to redo it with this run's options."
+            )
+        return True
+
+    def save(self, folder: Path) -> None:
+        """Record `folder` as made with this run's options (after its step succeeded)."""
+        steps = {**self.read(), folder.name: self.options[folder]}
+        staging = self.path.with_name(f".{self.path.name}.tmp")
+        staging.write_text(json.dumps(steps, indent=2) + "\n")
+        staging.replace(self.path)
+
+    def read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+
 def pretrain_from_scratch(args: QuickstartArguments, data_arguments: list[str]) -> tuple[Path, str, Path]:
     """Steps 1-3 of the default path; returns the finetuned folder, its summary line and the pretrained folder."""
     output_dir, corpus = Path(args.output_dir), Path(args.corpus_dir)
     pretrained, finetuned = output_dir / f"{args.model_type}-small-mlm", output_dir / f"{args.model_type}-small-sst2"
+    record = StepRecord(output_dir)
 
     if not (corpus / "train.txt").is_file():
         run_step("1/3 Build the pretraining corpus", "prepare_corpus.py", "--output_dir", str(corpus))
-    if not (pretrained / "model.safetensors").is_file():
+    pretraining = {"seed": args.seed, "pretrain_steps": args.pretrain_steps}
+    if not record.reusable(pretrained, (pretrained / "model.safetensors").is_file(), pretraining):
         # Peak learning rate 3e-4: at 1e-3, with this short warm-up, the small Luna collapses within 100 steps (the
         # unpack output outgrows the residual and every token state becomes the same), and SST-2 stays at chance.
         run_step(
@@ -178,7 +221,9 @@ def pretrain_from_scratch(args: QuickstartArguments, data_arguments: list[str]) 
             "--max_eval_samples", "256", "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest",
             "--seed", str(args.seed), "--output_dir", str(pretrained),
         )  # fmt: skip
-    if not (finetuned / "eval_results.json").is_file():
+        record.save(pretrained)
+    finetuning = {"max_train_samples": args.max_train_samples, "num_train_epochs": args.num_train_epochs}
+    if not record.reusable(finetuned, (finetuned / "eval_results.json").is_file(), finetuning, made_from=pretrained):
         samples = ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
         run_step(
             "3/3 Finetune on SST-2 with the Trainer", "finetune_glue.py",
@@ -188,6 +233,7 @@ def pretrain_from_scratch(args: QuickstartArguments, data_arguments: list[str]) 
             "--num_train_epochs", str(args.num_train_epochs), "--eval_strategy", "no", "--save_strategy", "no",
             "--report_to", "none", "--seed", str(args.seed), "--output_dir", str(finetuned),
         )  # fmt: skip
+        record.save(finetuned)
     mlm = json.loads((pretrained / "all_results.json").read_text())
     summary = f"{args.model_type}-small: MLM validation loss {mlm['eval_loss']:.3f} after {mlm['step']} steps"
     return finetuned, summary, pretrained
@@ -195,17 +241,18 @@ def pretrain_from_scratch(args: QuickstartArguments, data_arguments: list[str]) 
 
 def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) -> tuple[Path, str]:
     """The pretrained path: obtain, add the head, (post hoc: finetune it,) convert, transfer attention, finetune;
-    each step skipped when its output exists."""
+    each step skipped when its output exists, made with this run's options (`StepRecord`)."""
     output_dir, convert = Path(args.output_dir), args.attention != "softmax"
     total = 3 + 2 * convert + (convert and args.post_hoc)
     source = obtain_pretrained(args, f"1/{total}")
-    name = source.name
+    name, record = source.name, StepRecord(output_dir)
     model = output_dir / f"{name}-classifier"
-    if not (model / "config.json").is_file():
+    if not record.reusable(model, (model / "config.json").is_file(), {"seed": args.seed}):
         print(f"\n=== 2/{total} Add a sentence-classification head to {name} (its pretrained pooler kept)", flush=True)
         add_classification_head(source, model, args.seed)
+        record.save(model)
     if not convert or args.post_hoc:
-        model = finetune(args, data_arguments, model, output_dir / f"{name}-softmax-sst2", f"3/{total}")
+        model = finetune(args, data_arguments, record, model, output_dir / f"{name}-softmax-sst2", f"3/{total}")
     if not convert:
         return model, f"{name}, softmax attention"
     nested = args.attention == "nested"
@@ -213,17 +260,21 @@ def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) 
     prefix = output_dir / f"{name}{'-sst2' * args.post_hoc}-{variant}"
     converted, transferred = prefix, prefix.with_name(f"{prefix.name}-attn")
     step = 3 + args.post_hoc
-    if not (transferred / "config.json").is_file():
-        if not (converted / "config.json").is_file():
+    learning_rate = args.transfer_learning_rate or TRANSFER_LEARNING_RATES[args.attention]
+    transfer = {"transfer_steps": args.transfer_steps, "transfer_learning_rate": learning_rate}
+    made = record.reusable(converted, (converted / "config.json").is_file(), {"seed": args.seed}, made_from=model)
+    if not record.reusable(transferred, (transferred / "config.json").is_file(), transfer, made_from=converted):
+        if not made:
             run_step(
                 f"{step}/{total} Convert {model.name} to the {args.attention} attention", "convert_to_luna.py",
                 "--model_name_or_path", str(model), "--output_dir", str(converted), "--attention", args.attention,
                 "--projected_length", str(args.projected_length),
                 "--kernel_num_projections", str(args.kernel_num_projections), "--seed", str(args.seed),
             )  # fmt: skip
-        learning_rate = args.transfer_learning_rate or TRANSFER_LEARNING_RATES[args.attention]
+            record.save(converted)
         checkpoints = transferred.with_name(f"{transferred.name}-checkpoints")
-        resume = ["--resume_from_checkpoint", str(checkpoints)] if latest_checkpoint(checkpoints) else []
+        resume = record.reusable(checkpoints, latest_checkpoint(checkpoints) is not None, transfer, converted)
+        record.save(checkpoints)  # before the transfer writes any checkpoint, so that they are known when resumed
         run_step(
             f"{step + 1}/{total} Train the new attention to imitate {model.name}'s on SST-2 sentences",
             "transfer_attention.py", "--model_name_or_path", str(converted), "--teacher_name_or_path", str(model),
@@ -231,11 +282,13 @@ def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) 
             "--max_length", "64", "--max_steps", str(args.transfer_steps), "--per_device_train_batch_size", "16",
             "--learning_rate", str(learning_rate), "--logging_steps", "20", "--save_steps", "100",
             "--save_total_limit", "1", "--report_to", "none", "--seed", str(args.seed),
-            "--output_dir", str(checkpoints), "--transferred_model_dir", str(transferred), *resume,
+            "--output_dir", str(checkpoints), "--transferred_model_dir", str(transferred),
+            *["--resume_from_checkpoint", str(checkpoints)] * resume,
         )  # fmt: skip
+        record.save(transferred)
     teacher = model if args.post_hoc and args.distill else None  # the finetuned original, post hoc
     finetuned = prefix.with_name(f"{prefix.name}-{'distilled-' * bool(teacher)}sst2")
-    finetune(args, data_arguments, transferred, finetuned, f"{total}/{total}", teacher)
+    finetune(args, data_arguments, record, transferred, finetuned, f"{total}/{total}", teacher)
     route = " (post hoc, distilled)" if teacher else " (post hoc)" if args.post_hoc else ""
     return finetuned, f"{name}, {variant.replace('-l', ' l=').replace('-m', ' m=')} attention{route}"
 
@@ -243,14 +296,17 @@ def start_from_pretrained(args: QuickstartArguments, data_arguments: list[str]) 
 def finetune(
     args: QuickstartArguments,
     data_arguments: list[str],
+    record: StepRecord,
     model: Path,
     finetuned: Path,
     step: str,
     teacher: Path | None = None,
 ) -> Path:
     """finetune_glue.py on SST-2 with the quickstart's recipe, distilling `teacher`'s predictions if given, unless
-    `finetuned` holds its results already."""
-    if not (finetuned / "eval_results.json").is_file():
+    `finetuned` holds its results already (made with this run's options)."""
+    recipe = {"max_train_samples": args.max_train_samples, "finetune_steps": args.finetune_steps,
+              "finetune_learning_rate": args.finetune_learning_rate}  # fmt: skip
+    if not record.reusable(finetuned, (finetuned / "eval_results.json").is_file(), recipe, made_from=model):
         samples = ["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []
         distillation = ["--teacher_name_or_path", str(teacher)] if teacher else []
         distilling = f", distilling {teacher.name}'s predictions" if teacher else ""
@@ -262,6 +318,7 @@ def finetune(
             "--max_steps", str(args.finetune_steps), "--eval_strategy", "no", "--save_strategy", "no",
             "--report_to", "none", "--seed", str(args.seed), "--output_dir", str(finetuned),
         )  # fmt: skip
+        record.save(finetuned)
     return finetuned
 
 

@@ -1,6 +1,7 @@
 """scripts/quickstart.py end to end, as the README runs it, on a tiny corpus and a tiny GLUE folder written here."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -54,6 +55,10 @@ def test_pretrains_finetunes_and_predicts_then_resumes(tmp_path, model_type):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "=== 2/3" not in again.stdout and "=== 3/3" not in again.stdout
     assert summary in again.stdout
+
+    longer = quickstart(tmp_path, *args, "--pretrain_steps", "4", GLUE_DIR=glue, HF_HUB_OFFLINE=1)
+    pretrained = tmp_path / "out" / f"{model_type}-small-mlm"
+    assert longer.returncode != 0 and f"{pretrained} was made with --pretrain_steps 3 (now 4)." in longer.stderr
 
 
 def test_without_glue_data_it_says_how_to_provide_it(tmp_path):
@@ -152,6 +157,24 @@ def test_from_pretrained_converts_transfers_finetunes_then_resumes(tmp_path, att
     assert again.returncode == 0, again.stderr[-3000:]
     assert "=== " in again.stdout and not any(f"=== {n}/{total}" in again.stdout for n in range(1, total + 1))
     assert f"SST-2 dev accuracy {accuracy:.4f}" in again.stdout
+    if post_hoc:
+        rerun_with_other_options_stops_at_each_stale_folder(tmp_path, args, prefix, final)
+
+
+def rerun_with_other_options_stops_at_each_stale_folder(tmp_path, args, prefix, final):
+    """A rerun with another --transfer_steps does not reuse what was made with the old value: it stops at the first
+    such folder, naming the change, and after that folder is deleted redoes its step and stops at the next one."""
+    results = (final / "eval_results.json").read_bytes()
+    transferred = prefix.with_name(f"{prefix.name}-attn")
+    checkpoints = transferred.with_name(f"{transferred.name}-checkpoints")
+    for stale in (transferred, checkpoints, final):
+        rerun = pretrained_quickstart(tmp_path, *args, "--transfer_steps", "3")
+        assert rerun.returncode != 0, rerun.stdout[-2000:]
+        assert f"{stale} was made with --transfer_steps 2 (now 3)." in rerun.stderr, rerun.stderr[-2000:]
+        assert ("Train the new attention" in rerun.stdout) == (stale is final)  # redone once both were deleted
+        if stale is not final:
+            shutil.rmtree(stale)
+    assert (final / "eval_results.json").read_bytes() == results  # nothing made with the old options was touched
 
 
 def test_baseline_from_a_wheel_unpacks_its_model_folder(tmp_path):
