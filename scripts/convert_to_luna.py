@@ -70,7 +70,8 @@ WEIGHT_FILES = (
 
 
 # What the new attention adds, by parameter name: what the conversion initialises rather than copies, and what
-# scripts/transfer_attention.py trains.
+# scripts/transfer_attention.py trains. Each entry matches whole name components ("pack_attention." is not
+# "unpack_attention.", whose query and output projections are BERT's).
 NEW_ATTENTION_PARAMETERS = {
     "learned_kernel": ("attention.feature_map.",),
     "nested": (
@@ -90,7 +91,7 @@ def source_head(architecture: str, family: str) -> tuple:
 
 
 def is_new_attention_parameter(name: str, attention_type: str) -> bool:
-    return any(part in name for part in NEW_ATTENTION_PARAMETERS[attention_type])
+    return any(f".{part}" in f".{name}" for part in NEW_ATTENTION_PARAMETERS[attention_type])
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -295,6 +296,9 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(t
     changed = {name for name, tensor in converted_state.items() if not torch.equal(transferred_state[name], tensor)}
     new = {name for name in converted_state if convert_script.is_new_attention_parameter(name, attention)}
     assert changed and changed <= new, changed - new
+    # Nested Luna's unpack attention takes BERT's query and output projections: copied, so neither new nor trained.
+    copied = {name for name in converted_state if re.search(r"\.unpack_attention\.[qo]_proj\.", name)}
+    assert len(copied) == (8 if attention == "nested" else 0) and not copied & new, copied & new
     # Resumed from the middle, the run ends where the uninterrupted one did.
     transfer("resumed", "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-15"))
     _, resumed_state = per_layer_loss(tmp_path / "resumed")
