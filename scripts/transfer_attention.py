@@ -7,16 +7,17 @@
         --max_steps 100 --per_device_train_batch_size 16 --learning_rate 1e-3
 
 `--model_name_or_path` is a folder written by `scripts/convert_to_luna.py` from `--teacher_name_or_path`. Only the
-parameters that the conversion added are trained (`convert_to_luna.NEW_ATTENTION_PARAMETERS`: the feature maps of
-the learned-kernel attention; P, the pack attention and the unpack keys/values of the nested one); the teacher and
-everything the conversion copied stay frozen. Each student layer is fed the teacher's input of that layer, and the
-loss is the mean over layers of the mean squared error between the two attention outputs (after the output
-projection, before the residual) over the real tokens, so the layers train independently (as in LoLCATs); with
-`--transfer_loss attention_kl` (learned kernel only) it is KL(teacher || student) of the attention weights instead
-(Hedgehog). P still flows through the student's layers. Dropout is off in both models. The Trainer gives the
-progress bar, the seed and the checkpoints in `--output_dir` (`--resume_from_checkpoint`); the transferred model
-(with its head and tokenizer) is written to `--transferred_model_dir` through a staging folder, renamed when
-complete. Then fine-tune it on the task with `scripts/finetune_glue.py`. See docs/conversion.md.
+new attention is trained (`convert_to_luna.TRANSFERRED_PARAMETERS`: the feature maps of the learned-kernel
+attention; P, the pack attention and the unpack attention of the nested one, whose query and output projections
+start as BERT's); the teacher and everything else the conversion copied stay frozen. Each student layer is fed the
+teacher's input of that layer, and the loss is the mean over layers of the mean squared error between the two
+attention outputs (after the output projection, before the residual) over the real tokens, so the layers train
+independently (as in LoLCATs); with `--transfer_loss attention_kl` (learned kernel only) it is KL(teacher ||
+student) of the attention weights instead (Hedgehog). P still flows through the student's layers. Dropout is off in
+both models. The Trainer gives the progress bar, the seed and the checkpoints in `--output_dir`
+(`--resume_from_checkpoint`); the transferred model (with its head and tokenizer) is written to
+`--transferred_model_dir` through a staging folder, renamed when complete. Then fine-tune it on the task with
+`scripts/finetune_glue.py`. See docs/conversion.md.
 """
 
 import logging
@@ -29,7 +30,7 @@ from typing import Literal
 
 import datasets
 import torch
-from convert_to_luna import is_new_attention_parameter
+from convert_to_luna import is_transferred_parameter
 from torch import nn
 from transformers import (
     AutoModel,
@@ -175,10 +176,11 @@ def read_texts(args: TransferArguments) -> list[str]:
 
 
 def freeze_all_but_new_attention(model: luna_hf.LunaPreTrainedModel) -> list[str]:
-    """Train the parameters that the conversion added, nothing else; returns their names."""
+    """Train the parameters that the conversion added (nested Luna: and the unpack attention's query and output
+    projections), nothing else; returns their names."""
     trained = []
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(is_new_attention_parameter(name, model.config.attention_type))
+        parameter.requires_grad_(is_transferred_parameter(name, model.config.attention_type))
         if parameter.requires_grad:
             trained.append(name)
     return trained

@@ -294,15 +294,18 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(t
     after, transferred_state = per_layer_loss(tmp_path / "transferred")
     assert (after < before).all(), (before, after)
     changed = {name for name, tensor in converted_state.items() if not torch.equal(transferred_state[name], tensor)}
+    trained = {name for name in converted_state if convert_script.is_transferred_parameter(name, attention)}
+    assert changed and changed <= trained, changed - trained
+    # Nested Luna's unpack attention takes BERT's query and output projections: copied, not new, but trained with
+    # the rest of the new attention.
     new = {name for name in converted_state if convert_script.is_new_attention_parameter(name, attention)}
-    assert changed and changed <= new, changed - new
-    # Nested Luna's unpack attention takes BERT's query and output projections: copied, so neither new nor trained.
     copied = {name for name in converted_state if re.search(r"\.unpack_attention\.[qo]_proj\.", name)}
     assert len(copied) == (8 if attention == "nested" else 0) and not copied & new, copied & new
+    assert copied <= changed and trained == new | copied
     # Resumed from the middle, the run ends where the uninterrupted one did.
     transfer("resumed", "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-15"))
     _, resumed_state = per_layer_loss(tmp_path / "resumed")
-    for name in new:
+    for name in trained:
         torch.testing.assert_close(resumed_state[name], transferred_state[name])
     # ... and it did read the checkpoint: from altered weights it ends elsewhere.
     checkpoint_weights = tmp_path / "checkpoints" / "checkpoint-15" / "model.safetensors"
@@ -310,7 +313,7 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(t
     safetensors.torch.save_file({name: tensor + 0.1 for name, tensor in weights.items()}, checkpoint_weights)
     transfer("resumed-altered", "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-15"))
     _, altered_state = per_layer_loss(tmp_path / "resumed-altered")
-    assert any(not torch.equal(altered_state[name], transferred_state[name]) for name in new)
+    assert any(not torch.equal(altered_state[name], transferred_state[name]) for name in trained)
 
 
 def test_attention_kl_transfer_is_the_divergence_of_the_weights_and_lowers_it(tmp_path):
