@@ -193,8 +193,9 @@ def write_card(folder: Path, model, args: TransferArguments, steps: int, texts: 
         load_class=LOAD_CLASSES.get(type(model).__name__, "AutoModel"),
         title=f"{name}: attention transferred from {Path(teacher).name}",
         summary=f"`{args.model_name_or_path}` (converted by scripts/convert_to_luna.py) after {steps} steps of "
-                f"attention transfer from `{teacher}`: only the parameters the conversion added were trained, so "
-                "that each layer's attention output imitates the original's.",
+                f"attention transfer from `{teacher}`: only the new attention was trained (what the conversion "
+                "added; in nested Luna also the unpack attention's query and output projections), so that each "
+                "layer's attention output imitates the original's.",
         data=f"{texts} texts from `{args.train_file or args.dataset_name}`, at most {args.max_length} tokens each.",
         metrics={"attention_transfer_loss": loss} if loss is not None else {},
         limitations=["Not fine-tuned on a task: fine-tune it (scripts/finetune_glue.py) before use.",
