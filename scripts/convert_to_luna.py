@@ -91,6 +91,7 @@ TRANSFERRED_PARAMETERS = {
     "nested": (*NEW_ATTENTION_PARAMETERS["nested"], "unpack_attention."),
 }
 
+
 def source_head(architecture: str, family: str) -> tuple:
     """The Luna class, its Auto class and the head kind of a supported architecture, e.g. "BertForMaskedLM"."""
     return HEADS[architecture.removeprefix(FAMILIES[family])]
