@@ -56,6 +56,7 @@ from transformers import (
 )
 
 from luna_hf import LunaConfig, LunaForMaskedLM, LunaForSequenceClassification
+from luna_hf.transformers_compat import enable_activation_checkpointing
 
 SIZES = {  # layers, width, heads, FFN
     "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256),
@@ -174,7 +175,7 @@ class AttentionFree(nn.Module):
 def build_model(name: str, size: str, seq_len: int, vocab_size: int) -> nn.Module:
     if name.endswith("-checkpointing"):
         model = build_model(name.removesuffix("-checkpointing"), size, seq_len, vocab_size)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
         return model
     family, settings = MODELS[name]
     common = dict(SIZES[size], vocab_size=vocab_size, num_labels=2, hidden_dropout_prob=0.1,

@@ -49,6 +49,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 import luna_hf  # noqa: F401  (registers "luna" with the Auto classes)
 from luna_hf.model_card import write_model_card
+from luna_hf.transformers_compat import enable_activation_checkpointing
 
 logger = get_logger(__name__)
 
@@ -271,7 +272,7 @@ def build_model(args: Arguments, tokenizer):
     if model.config.model_type == "luna":  # a training switch: `save_model` turns it off in the published config
         model.config.sparse_prediction = args.sparse_prediction
     if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     return model
 
 

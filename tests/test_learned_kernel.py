@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, DynamicCache
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from luna_hf import (
+    LunaCache,
     LunaConfig,
     LunaForCausalLM,
     LunaForMaskedLM,
@@ -22,6 +23,7 @@ from luna_hf import (
     LunaModel,
 )
 from luna_hf.modeling_luna_attention import LearnedKernelAttention, LearnedKernelCausalAttention
+from luna_hf.transformers_compat import enable_activation_checkpointing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hub_fixture  # noqa: E402
@@ -299,7 +301,7 @@ def test_gradient_checkpointing_changes_no_gradient():
         torch.manual_seed(0)
         model = LunaForMaskedLM(kernel_config(kernel_shared_channels=False)).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         model(ids, labels=labels).loss.backward()
         gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
     for other in gradients[1:]:
@@ -351,17 +353,17 @@ def test_cached_decoding_reproduces_the_full_forward_with_a_constant_size_float3
     mask[0, :3] = 0  # left padding
     with torch.no_grad():
         full = model(ids, attention_mask=mask, use_cache=False).logits
-        cache = DynamicCache(config=model.config)
+        cache = LunaCache(model.config)
         steps = [model(ids[:, :6], attention_mask=mask[:, :6], cache=cache).logits]  # a prefill, then one by one
-        sizes = [tuple(state.shape) for state in cache.layers[1].recurrent_states.values()]
+        sizes = [tuple(state.shape) for state in cache.layers[1].states]
         for t in range(6, 15):
             steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
     assert (torch.cat(steps, dim=1) - full).abs()[mask.bool()].max() <= 1e-5
     # S (batch, heads, D, d_v), z (batch, heads, D), the token count: whatever the context.
-    assert sizes == [tuple(state.shape) for state in cache.layers[1].recurrent_states.values()]
+    assert sizes == [tuple(state.shape) for state in cache.layers[1].states]
     assert sizes == [(2, 4, 15, 8), (2, 4, 15), (2,)]
-    assert [state.dtype for state in cache.layers[1].recurrent_states.values()][:2] == [torch.float32] * 2
-    assert cache.layers[1].recurrent_states[2].tolist() == [12, 15]
+    assert [state.dtype for state in cache.layers[1].states][:2] == [torch.float32] * 2
+    assert cache.layers[1].states[2].tolist() == [12, 15]
     assert cache.get_seq_length() == 15
 
 

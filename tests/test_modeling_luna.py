@@ -21,6 +21,7 @@ from luna_hf import (
     LunaForTokenClassification,
     LunaModel,
 )
+from luna_hf.transformers_compat import enable_activation_checkpointing
 
 VOCAB = 50
 PAD = 1
@@ -264,6 +265,23 @@ def test_dynamic_projection_cuts_and_masks_p():
     assert fixed(input_ids, attention_mask=attention_mask).packed_hidden_state.shape[1] == 8
 
 
+def test_each_layer_returns_its_own_pack_and_unpack_maps():
+    """Recorded per layer, in order, each under its own key (transformers 5.9 matched "pack_attention" inside
+    "unpack_attention" and returned both maps as pack maps): compared with the maps the modules themselves return."""
+    model = LunaModel(tiny_config(num_hidden_layers=3, projected_length=3, attn_implementation="eager")).eval()
+    returned = {"pack": [], "unpack": []}
+    for layer in model.layers:
+        for kind in returned:
+            module = getattr(layer, f"{kind}_attention")
+            module.register_forward_hook(lambda module, args, output, kind=kind: returned[kind].append(output[1]))
+    with torch.no_grad():
+        outputs = model(*padded_batch([7, 4]), output_attentions=True)
+    expected = [(outputs.pack_attentions, "pack", (2, 4, 3, 7)), (outputs.attentions, "unpack", (2, 4, 7, 3))]
+    for recorded, kind, shape in expected:
+        assert len(recorded) == 3 and all(tuple(map_.shape) == shape for map_ in recorded), kind
+        assert all(torch.equal(a, b) for a, b in zip(recorded, returned[kind], strict=True)), kind
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_no_nan_at_the_edges(attn_implementation):
     torch.manual_seed(0)
@@ -321,7 +339,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     model.train()
     plain = gradients()
-    model.activation_checkpointing_enable()
+    enable_activation_checkpointing(model)
     assert model.luna.layers[0].gradient_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys() and len(plain) > 20

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from luna_causal_reference import authors_causal_attention
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, DynamicCache, pipeline
 
-from luna_hf import LunaConfig, LunaForCausalLM
+from luna_hf import LunaCache, LunaConfig, LunaForCausalLM
 from luna_hf.modeling_luna_attention import LunaCausalAttention
+from luna_hf.transformers_compat import CACHE_OUTPUT_NAME as CACHE  # generate()'s cache argument and output name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hub_fixture  # noqa: E402
@@ -174,11 +177,10 @@ def test_config_and_model_reject_bad_values_clearly():
     with pytest.raises(ValueError, match="is_decoder=True"):
         LunaForCausalLM(causal_config(is_decoder=False))
     model = causal_model()
-    with pytest.raises(ValueError, match="DynamicCache\\(config=config\\)"):
+    with pytest.raises(ValueError, match="pass LunaCache\\(config\\).*got DynamicCache"):
         model(random_ids(1, 4), cache=DynamicCache(), use_cache=True)
     with pytest.raises(ValueError, match="129 tokens exceed the model's 128"):
         model(random_ids(1, 129))
-    assert LunaConfig(is_decoder=True, num_hidden_layers=3).layer_types == ["linear_attention"] * 3
 
 
 def test_changing_future_tokens_never_changes_earlier_outputs():
@@ -209,16 +211,16 @@ def test_cached_decoding_reproduces_the_full_forward(tie_key_value):
     mask[0, :3] = 0  # left padding
     with torch.no_grad():
         full = model(ids, attention_mask=mask, use_cache=False).logits
-        cache = DynamicCache(config=model.config)
+        cache = LunaCache(model.config)
         steps = [model(ids[:, :6], attention_mask=mask[:, :6], cache=cache).logits]  # a prefill, then one by one
-        sizes = [tuple(state.shape) for state in cache.layers[1].recurrent_states.values()]
+        sizes = [tuple(state.shape) for state in cache.layers[1].states]
         for t in range(6, 15):
             steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
     assert (torch.cat(steps, dim=1) - full).abs()[mask.bool()].max() <= 1e-5
     # Constant size: key sums, value sums, token count, pack queries, whatever the context.
-    assert sizes == [tuple(state.shape) for state in cache.layers[1].recurrent_states.values()]
+    assert sizes == [tuple(state.shape) for state in cache.layers[1].states]
     assert sizes == [(2, 4, 8, 5), (2, 4, 5, 8), (2,), (2, 4, 5, 8)]
-    assert cache.layers[1].recurrent_states[2].tolist() == [12, 15]
+    assert cache.layers[1].states[2].tolist() == [12, 15]
 
 
 def greedy_without_cache(model, ids, steps):
@@ -299,32 +301,32 @@ def test_generation_continues_from_a_cache_that_already_holds_the_prefix(source)
     mask = torch.ones(2, 11, dtype=torch.long)
     if source == "left-padded batch":
         prefix[0, :3], mask[0, :3] = PAD, 0
-    cache = DynamicCache(config=model.config)
+    cache = LunaCache(model.config)
     if source == "cache returned by generate":
-        first = model.generate(prefix, **continuation_settings(max_new_tokens=3, cache=cache))
+        first = model.generate(prefix, **continuation_settings(max_new_tokens=3, **{CACHE: cache}))
         prefix, mask = first.sequences, torch.ones(2, 14, dtype=torch.long)
-        cache = first.cache  # it has read the prompt and all generated tokens but the last
+        cache = getattr(first, CACHE)  # it has read the prompt and all generated tokens but the last
     else:
         with torch.no_grad():
             model(prefix, attention_mask=mask[:, :7], cache=cache)
     text = torch.cat([prefix, rest], dim=1)
     assert int(cache.get_seq_length()) == text.shape[1] - 4 - (source == "cache returned by generate")
     fresh = model.generate(text, attention_mask=mask, **continuation_settings())
-    continued = model.generate(text, attention_mask=mask, **continuation_settings(cache=cache))
+    continued = model.generate(text, attention_mask=mask, **continuation_settings(**{CACHE: cache}))
     assert torch.equal(continued.sequences, fresh.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(continued.logits, fresh.logits, strict=True)) <= 1e-5
-    assert int(continued.cache.get_seq_length()) == continued.sequences.shape[1] - 1
+    assert int(getattr(continued, CACHE).get_seq_length()) == continued.sequences.shape[1] - 1
 
 
 def test_generation_from_embeddings_continues_from_a_cache_that_holds_their_prefix():
     model = causal_model(seed=5)
     ids = random_ids(1, 9, seed=3)
     embeddings = model.get_input_embeddings()(ids).detach()
-    cache = DynamicCache(config=model.config)
+    cache = LunaCache(model.config)
     with torch.no_grad():
         model(inputs_embeds=embeddings[:, :5], cache=cache)
     settings = dict(max_new_tokens=4, do_sample=False)
-    continued = model.generate(inputs_embeds=embeddings, cache=cache, **settings)
+    continued = model.generate(inputs_embeds=embeddings, **{CACHE: cache}, **settings)
     assert torch.equal(continued, model.generate(ids, **settings)[:, 9:])
 
 
@@ -335,10 +337,14 @@ def test_chunked_prefill_generates_what_a_single_prefill_does():
     settings = dict(max_new_tokens=5, do_sample=False)
     single = model.generate(prompt, **settings)
     assert torch.equal(model.generate(prompt, prefill_chunk_size=4, **settings), single)
-    cache = DynamicCache(config=model.config)
+    cache = LunaCache(model.config)
     with torch.no_grad():
         model(prompt[:, :3], cache=cache)
-    assert torch.equal(model.generate(prompt, prefill_chunk_size=4, cache=cache, **settings), single)
+    if Version(transformers.__version__) >= Version("5.21"):
+        assert torch.equal(model.generate(prompt, prefill_chunk_size=4, **{CACHE: cache}, **settings), single)
+    else:  # transformers before 5.21 chunks the whole prompt, as if the cache were empty: refused, not misread
+        with pytest.raises(ValueError, match="the cache has read"):
+            model.generate(prompt, prefill_chunk_size=4, **{CACHE: cache}, **settings)
 
 
 def test_a_filled_cache_is_not_expanded_or_reused_for_another_text():
@@ -346,25 +352,26 @@ def test_a_filled_cache_is_not_expanded_or_reused_for_another_text():
     tokens (reuse) or a shape error deep in the attention (beam search, several sequences per prompt)."""
     model = causal_model(seed=5)
     prompt = random_ids(2, 7, seed=1)
-    first = model.generate(prompt, **continuation_settings(max_new_tokens=3, cache=DynamicCache(config=model.config)))
-    state = [tensor.clone() for tensor in first.cache.layers[0].recurrent_states.values()]
+    first = model.generate(prompt, **continuation_settings(max_new_tokens=3, **{CACHE: LunaCache(model.config)}))
+    state = [tensor.clone() for tensor in getattr(first, CACHE).layers[0].states]
     with pytest.raises(ValueError, match="has already read 9 positions"):
-        model.generate(prompt, **continuation_settings(cache=first.cache))
+        model.generate(prompt, **continuation_settings(**{CACHE: getattr(first, CACHE)}))
     for expanding in (dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
         with pytest.raises(ValueError, match="cannot be expanded"):
-            model.generate(first.sequences, **continuation_settings(cache=first.cache, **expanding))
+            model.generate(first.sequences, **continuation_settings(**{CACHE: getattr(first, CACHE)}, **expanding))
     with pytest.raises(ValueError, match="attention mask covers 4 positions"), torch.no_grad():
-        model(first.sequences[:, -2:], attention_mask=torch.ones(2, 4, dtype=torch.long), cache=first.cache)
+        model(first.sequences[:, -2:], attention_mask=torch.ones(2, 4, dtype=torch.long), cache=getattr(first, CACHE))
     # Refused before anything was added: the cache still continues its own text correctly.
-    assert all(torch.equal(a, b) for a, b in zip(state, first.cache.layers[0].recurrent_states.values(), strict=True))
-    assert int(first.cache.get_seq_length()) == 9
+    assert all(torch.equal(a, b) for a, b in zip(state, getattr(first, CACHE).layers[0].states, strict=True))
+    assert int(getattr(first, CACHE).get_seq_length()) == 9
 
 
 @pytest.mark.parametrize("method", [dict(prompt_lookup_num_tokens=2), "assistant_model"])
 def test_generation_methods_that_roll_the_cache_back_are_refused_clearly(method):
     model = causal_model(seed=6)
     method = dict(assistant_model=causal_model(seed=7)) if method == "assistant_model" else method
-    with pytest.raises(ValueError, match="cannot be rolled back"):
+    # Luna's message, or (before transformers 5.1x) transformers' own refusal for every stateful model.
+    with pytest.raises(ValueError, match="cannot be rolled back|not supported with stateful models"):
         model.generate(random_ids(1, 8), max_new_tokens=4, do_sample=False, **method)
 
 

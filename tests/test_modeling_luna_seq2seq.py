@@ -23,6 +23,7 @@ from luna_hf.modeling_luna_seq2seq import (  # noqa: E402
     pack_attention_mask,
     unpack_attention_mask,
 )
+from luna_hf.transformers_compat import CACHE_OUTPUT_NAME as CACHE  # noqa: E402 (the release's output name)
 
 PAD, EOS, VOCAB = 1, 2, 40
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_fairseq_luna_to_hf.py"
@@ -179,7 +180,7 @@ def test_cached_decoding_equals_the_full_forward_and_the_authors_incremental_dec
                 cache=cache,
                 use_cache=True,
             )
-            cache = out.cache
+            cache = getattr(out, CACHE)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
     assert isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 6
@@ -238,7 +239,7 @@ def cache_sizes(cache) -> list[tuple]:
         (part, index, state, tuple(tensor.shape))
         for part in ("self_attention_cache", "cross_attention_cache")
         for index, layer in enumerate(getattr(cache, part).layers)
-        for state, tensor in layer.recurrent_states.items()
+        for state, tensor in enumerate(layer.states)
         if tensor is not None
     ]
 
@@ -250,8 +251,8 @@ def test_the_cache_does_not_grow_with_the_source_or_the_target():
         source = torch.randint(3, VOCAB, (2, source_length))
         with torch.no_grad():
             out = model(input_ids=source, decoder_input_ids=target(length=target_length), use_cache=True)
-            out = model(input_ids=source, decoder_input_ids=target(length=1), cache=out.cache, use_cache=True)
-        sizes.append(cache_sizes(out.cache))
+            out = model(input_ids=source, decoder_input_ids=target(length=1), cache=getattr(out, CACHE), use_cache=True)
+        sizes.append(cache_sizes(getattr(out, CACHE)))
     assert sizes[0] == sizes[1] == sizes[2]
     # Per layer: the causal key and value sums, token count and pack queries; the cross-attention's keys and values.
     assert len(sizes[0]) == 2 * 4 + 2 * 2

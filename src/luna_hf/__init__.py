@@ -2,11 +2,13 @@
 
 Importing the package registers Luna with the Auto classes, and marks every class for remote code so that saved
 folders carry the model's code (`configuration_luna.py`, `modeling_luna.py`, `modeling_luna_attention.py`,
-`modeling_luna_causal.py`) and a complete `auto_map`. The encoder-decoder translation model has its own config
+`modeling_luna_causal.py`, and `transformers_compat.py`, which lets them load on other transformers releases) and a
+complete `auto_map`. The encoder-decoder translation model has its own config
 (`LunaSeq2SeqConfig`, model type `luna_seq2seq`) and files (`configuration_luna_seq2seq.py`,
 `modeling_luna_seq2seq.py`).
 """
 
+from .supported_versions import SUPPORTED_TRANSFORMERS  # noqa: I001 (first: it refuses an unsupported transformers)
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -31,6 +33,7 @@ from .modeling_luna import (
     LunaModelOutput,
     LunaPreTrainedModel,
 )
+from .modeling_luna_attention import LunaCache
 from .modeling_luna_causal import LunaDecoderModel, LunaForCausalLM
 from .modeling_luna_seq2seq import LunaForConditionalGeneration, LunaSeq2SeqModel
 
@@ -62,6 +65,8 @@ for _auto_class, _model_class in {
     _model_class.register_for_auto_class(_auto_class.__name__)
 
 __all__ = [
+    "SUPPORTED_TRANSFORMERS",
+    "LunaCache",
     "LunaConfig",
     "LunaDecoderModel",
     "LunaForCausalLM",

@@ -13,8 +13,9 @@
 # limitations under the License.
 """Luna configuration. This file is copied verbatim next to saved checkpoints for `trust_remote_code`."""
 
-from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
+
+from .transformers_compat import PreTrainedConfig
 
 CLASSIFIER_POOLINGS = ("cls", "mean", "packed_mean", "packed_max", "packed_attention")
 PACKED_POOLINGS = ("packed_mean", "packed_max", "packed_attention")  # read the packed sequence P
@@ -116,47 +117,87 @@ class LunaConfig(PreTrainedConfig):
 
     model_type = "luna"
 
-    vocab_size: int = 50265
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float | int = 0.1
-    attention_probs_dropout_prob: float | int = 0.1
-    activation_dropout: float | int = 0.0
-    max_position_embeddings: int = 514
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-5
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = 0
-    eos_token_id: int | None = 2
-    projected_length: int = 128
-    tie_key_value: bool = True
-    dynamic_projection: bool = True
-    classifier_pooling: str = "cls"
-    classifier_dropout: float | int | None = None
-    sparse_prediction: bool = False
-    sparse_pred_ignore_index: int = -100
-    normalize_before: bool = False
-    is_decoder: bool = False
-    causal_activation: str = "softplus"
-    causal_chunk_size: int = 64
-    use_cache: bool = True
-    tie_word_embeddings: bool = True
-    attention_type: str = "nested"
-    kernel_num_projections: int = 16
-    kernel_num_channels: int = 4
-    kernel_mlp_hidden: int = 64
-    kernel_shared_channels: bool = True
-    kernel_nonnegative: bool = True
-    kernel_envelope: str = "none"
-    kernel_eps: float = 1e-6
-    type_vocab_size: int = 0
-    position_numbering: str = "padding_offset"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    def __init__(
+        self,
+        vocab_size=50265,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        activation_dropout=0.0,
+        max_position_embeddings=514,
+        initializer_range=0.02,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        projected_length=128,
+        tie_key_value=True,
+        dynamic_projection=True,
+        classifier_pooling="cls",
+        classifier_dropout=None,
+        sparse_prediction=False,
+        sparse_pred_ignore_index=-100,
+        normalize_before=False,
+        is_decoder=False,
+        causal_activation="softplus",
+        causal_chunk_size=64,
+        use_cache=True,
+        tie_word_embeddings=True,
+        attention_type="nested",
+        kernel_num_projections=16,
+        kernel_num_channels=4,
+        kernel_mlp_hidden=64,
+        kernel_shared_channels=True,
+        kernel_nonnegative=True,
+        kernel_envelope="none",
+        kernel_eps=1e-6,
+        type_vocab_size=0,
+        position_numbering="padding_offset",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)  # first: transformers 4.x's base class sets defaults of its own for some fields
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.activation_dropout = activation_dropout
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.projected_length = projected_length
+        self.tie_key_value = tie_key_value
+        self.dynamic_projection = dynamic_projection
+        self.classifier_pooling = classifier_pooling
+        self.classifier_dropout = classifier_dropout
+        self.sparse_prediction = sparse_prediction
+        self.sparse_pred_ignore_index = sparse_pred_ignore_index
+        self.normalize_before = normalize_before
+        self.is_decoder = is_decoder
+        self.causal_activation = causal_activation
+        self.causal_chunk_size = causal_chunk_size
+        self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
+        self.attention_type = attention_type
+        self.kernel_num_projections = kernel_num_projections
+        self.kernel_num_channels = kernel_num_channels
+        self.kernel_mlp_hidden = kernel_mlp_hidden
+        self.kernel_shared_channels = kernel_shared_channels
+        self.kernel_nonnegative = kernel_nonnegative
+        self.kernel_envelope = kernel_envelope
+        self.kernel_eps = kernel_eps
+        self.type_vocab_size = type_vocab_size
+        self.position_numbering = position_numbering
         self.validate_luna_fields()
 
     def validate_luna_fields(self):
@@ -263,18 +304,6 @@ class LunaConfig(PreTrainedConfig):
         if self.position_numbering == "from_zero":
             return self.max_position_embeddings
         return self.max_position_embeddings - self.pad_token_id - 1
-
-    @property
-    def layer_types(self) -> list[str] | None:
-        """Cache layout for `generate()`: the causal model keeps running sums per layer, which transformers' cache
-        holds in linear-attention layers (`DynamicCache(config=...)`); the encoder has no cache."""
-        return ["linear_attention"] * self.num_hidden_layers if self.is_decoder else None
-
-    @property
-    def number_of_conv_states(self) -> int:
-        """Tensors per cache layer (transformers' name): the key sums, value sums, token count and pack queries of
-        `LunaCausalAttention`; the value sums, normaliser sums and token count of `LearnedKernelCausalAttention`."""
-        return 4 if self.attention_type == "nested" else 3
 
 
 __all__ = ["LunaConfig"]

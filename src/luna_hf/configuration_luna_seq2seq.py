@@ -14,8 +14,9 @@
 """Configuration of Luna's encoder-decoder translation model. Copied next to saved checkpoints for
 `trust_remote_code`."""
 
-from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
+
+from .transformers_compat import PreTrainedConfig
 
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
 CAUSAL_ACTIVATIONS = ("softplus", "elu")
@@ -73,37 +74,67 @@ class LunaSeq2SeqConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["cache"]
     attribute_map = {"num_hidden_layers": "decoder_layers"}  # transformers sizes the generation cache by it
 
-    vocab_size: int = 32000
-    hidden_size: int = 512
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    num_attention_heads: int = 8
-    intermediate_size: int = 2048
-    hidden_act: str = "relu"
-    hidden_dropout_prob: float | int = 0.1
-    attention_probs_dropout_prob: float | int = 0.0
-    activation_dropout: float | int = 0.0
-    max_position_embeddings: int = 1024
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-5
-    projected_length: int = 32
-    dynamic_projection: bool = True
-    tie_key_value: bool = True
-    normalize_before: bool = False
-    position_embedding_type: str = "sinusoidal"
-    scale_embedding: bool = True
-    causal_activation: str = "softplus"
-    causal_chunk_size: int = 64
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = 0
-    eos_token_id: int | None = 2
-    decoder_start_token_id: int | None = 2
-    is_encoder_decoder: bool = True
-    use_cache: bool = True
-    tie_word_embeddings: bool = True
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    def __init__(
+        self,
+        vocab_size=32000,
+        hidden_size=512,
+        encoder_layers=6,
+        decoder_layers=6,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        hidden_act="relu",
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.0,
+        activation_dropout=0.0,
+        max_position_embeddings=1024,
+        initializer_range=0.02,
+        layer_norm_eps=1e-5,
+        projected_length=32,
+        dynamic_projection=True,
+        tie_key_value=True,
+        normalize_before=False,
+        position_embedding_type="sinusoidal",
+        scale_embedding=True,
+        causal_activation="softplus",
+        causal_chunk_size=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        is_encoder_decoder=True,
+        use_cache=True,
+        tie_word_embeddings=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)  # first: transformers 4.x's base class sets defaults of its own for some fields
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.encoder_layers = encoder_layers
+        self.decoder_layers = decoder_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.activation_dropout = activation_dropout
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.projected_length = projected_length
+        self.dynamic_projection = dynamic_projection
+        self.tie_key_value = tie_key_value
+        self.normalize_before = normalize_before
+        self.position_embedding_type = position_embedding_type
+        self.scale_embedding = scale_embedding
+        self.causal_activation = causal_activation
+        self.causal_chunk_size = causal_chunk_size
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.decoder_start_token_id = decoder_start_token_id
+        self.is_encoder_decoder = is_encoder_decoder
+        self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
         self.validate_luna_fields()
 
     def validate_luna_fields(self):
@@ -156,20 +187,6 @@ class LunaSeq2SeqConfig(PreTrainedConfig):
     def max_sequence_length(self) -> int:
         """The longest source (and target) this model accepts."""
         return self.max_position_embeddings
-
-    @property
-    def layer_types(self) -> list[str]:
-        """Cache layout for `generate()`: transformers builds an `EncoderDecoderCache` of two
-        `DynamicCache(config=...)`; every decoder layer keeps constant-size states in a linear-attention cache layer,
-        the causal attention's running sums in the first, the cross-attention's keys and values of the packed source
-        in the second."""
-        return ["linear_attention"] * self.decoder_layers
-
-    @property
-    def number_of_conv_states(self) -> int:
-        """Tensors per cache layer (transformers' name): 4 for the causal attention (key sums, value sums, token
-        count, pack queries); the cross-attention uses 2 of them (keys, values)."""
-        return 4
 
 
 __all__ = ["LunaSeq2SeqConfig"]

@@ -19,8 +19,10 @@ it with a second (X attends to the packed P, cost n*l), and hands the packed P t
 follows the authors' fairseq code (`luna_bert`); see docs/architecture.md for every decision. The attention kernels
 are in `modeling_luna_attention.py`, the causal decoder (`LunaForCausalLM`) in `modeling_luna_causal.py`.
 
-The three files are copied next to saved checkpoints for `trust_remote_code`: they import only torch, transformers
-and their siblings (`configuration_luna.py` and each other), with one-dot relative imports.
+The files are copied next to saved checkpoints for `trust_remote_code`: they import only torch, transformers and
+their siblings (`configuration_luna.py`, `transformers_compat.py` and each other), with one-dot relative imports.
+Each file imports every sibling it needs directly: some transformers releases (5.9 among them) copy into their module
+cache a remote-code file's own relative imports, not theirs.
 """
 
 import shutil
@@ -30,10 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.activations import ACT2FN, gelu
 from transformers.loss.loss_utils import fixed_cross_entropy
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MaskedLMOutput,
@@ -47,11 +47,15 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.import_utils import is_tracing
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_luna import LunaConfig
-from .modeling_luna_attention import LearnedKernelAttention, LearnedKernelFeatureMap, LunaAttention
+from .modeling_luna_attention import (
+    LearnedKernelAttention,
+    LearnedKernelFeatureMap,
+    LunaPackAttention,
+    LunaUnpackAttention,
+)
+from .transformers_compat import OutputRecorder, capture_outputs, create_bidirectional_mask, init, is_tracing
 
 # Saved folders name every Auto class, not only the saved head's, so that `AutoModel`, every head and every pipeline
 # load any Luna folder with `trust_remote_code=True` (transformers itself writes only the saved class's entry).
@@ -69,6 +73,7 @@ LUNA_AUTO_MAP = {
 # saved from an encoder would lack the causal decoder's file that `auto_map` names: `save_pretrained` adds the rest.
 LUNA_CODE_FILES = (
     "configuration_luna.py",
+    "transformers_compat.py",
     "modeling_luna.py",
     "modeling_luna_attention.py",
     "modeling_luna_causal.py",
@@ -220,16 +225,16 @@ class LunaLayer(GradientCheckpointingLayer):
     """One Luna layer (paper Eq. 6, post-LayerNorm): pack, unpack, residuals on X and on P, feed-forward on X only.
 
     The attention is chosen here by `config.attention_type`: `"nested"`, Luna's pack and unpack attentions
-    (`LunaAttention` twice), or `"learned_kernel"`, one `LearnedKernelAttention` of X over X. Everything else is the
-    same; the learned-kernel layer has no P, and takes and returns `packed_states=None`.
+    (`LunaPackAttention`, then `LunaUnpackAttention`), or `"learned_kernel"`, one `LearnedKernelAttention` of X over
+    X. Everything else is the same; the learned-kernel layer has no P, and takes and returns `packed_states=None`.
     """
 
     def __init__(self, config: LunaConfig):
         super().__init__()
         self.attention_type = config.attention_type
         if config.attention_type == "nested":
-            self.pack_attention = LunaAttention(config, output_projection=False)
-            self.unpack_attention = LunaAttention(config, output_projection=True)
+            self.pack_attention = LunaPackAttention(config)
+            self.unpack_attention = LunaUnpackAttention(config)
         else:
             self.attention = LearnedKernelAttention(config)
         self.attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -353,12 +358,10 @@ class LunaPreTrainedModel(PreTrainedModel):
     # Recorded outputs are inserted in this order; transformers expects `hidden_states`, `attentions` last.
     _can_record_outputs = {
         "packed_hidden_states": [OutputRecorder(LunaEmbeddings, index=1), OutputRecorder(LunaLayer, index=1)],
-        "pack_attentions": OutputRecorder(LunaAttention, index=1, layer_name="pack_attention"),
+        "pack_attentions": OutputRecorder(LunaPackAttention, index=1),
         "hidden_states": LunaLayer,
-        "attentions": [
-            OutputRecorder(LunaAttention, index=1, layer_name="unpack_attention"),
-            OutputRecorder(LearnedKernelAttention, index=1),
-        ],
+        # One recorder, not a list: transformers 5.9 reads a list of two under "attentions" as (self, cross).
+        "attentions": OutputRecorder((LunaUnpackAttention, LearnedKernelAttention), index=1),
     }
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -18,8 +18,10 @@ unpack), and `LunaCausalAttention`, the causal form of paper §3.3 with its runn
 
 Learned-kernel attention (Shahbazi et al., 2025, `attention_type="learned_kernel"`): `LearnedKernelFeatureMap`, the
 learned feature map phi, `LearnedKernelAttention`, the bidirectional linear attention phi(Q)(phi(K)^T V) /
-phi(Q)(phi(K)^T 1), and `LearnedKernelCausalAttention`, its causal form (the same `causal_product` and cache helpers
-as the nested causal attention).
+phi(Q)(phi(K)^T 1), and `LearnedKernelCausalAttention`, its causal form (the same `causal_product` and cache as the
+nested causal attention).
+
+`LunaCache`: the causal attentions' constant-size states for `generate()`.
 
 Copied next to saved checkpoints for `trust_remote_code`: it imports only torch, transformers and its sibling
 `configuration_luna.py`.
@@ -30,11 +32,13 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from .configuration_luna import LunaConfig
+from .transformers_compat import CACHE_OUTPUT_NAME
 
 
 def eager_attention_forward(
@@ -119,7 +123,22 @@ class LunaAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
-KEY_SUMS, VALUE_SUMS, TOKEN_COUNT, PACK_QUERIES = range(4)  # per cache layer (`LunaConfig.number_of_conv_states`)
+class LunaPackAttention(LunaAttention):
+    """P attends to X. No output projection: the packed context is returned raw, as in the authors' code."""
+
+    def __init__(self, config: LunaConfig):
+        super().__init__(config, output_projection=False)
+
+
+class LunaUnpackAttention(LunaAttention):
+    """X attends to the packed context (two classes, so that the output recorders tell the two maps apart by class:
+    transformers 5.9 matched their names as substrings, and "pack_attention" is one of "unpack_attention")."""
+
+    def __init__(self, config: LunaConfig):
+        super().__init__(config, output_projection=True)
+
+
+KEY_SUMS, VALUE_SUMS, TOKEN_COUNT, PACK_QUERIES = range(4)  # a causal attention's states in its `LunaCacheLayer`
 CAUSAL_ACTIVATIONS = {  # the authors' softplus has beta = ln 2: log2(1 + 2^z), which is 1 at z = 0
     "softplus": lambda scores: nn.functional.softplus(scores, beta=math.log(2.0)),
     "elu": lambda scores: nn.functional.elu(scores) + 1.0,
@@ -153,24 +172,110 @@ def causal_product(x, y, z, token_count, initial_state, chunk_size: int):
     return output.to(dtype), states_after[..., -1, :, :]
 
 
-def read_recurrent_states(cache, layer_idx: int, number_of_states: int):
-    """A causal attention's states in `cache` (a `DynamicCache` of linear-attention layers), None before the first
-    token."""
-    if cache is None or not cache.has_previous_state(layer_idx):
-        return None
-    return [cache.get_recurrent_state(layer_idx, index) for index in range(number_of_states)]
+CANNOT_ROLL_BACK = (
+    "Luna's cache holds running sums, which cannot be rolled back to an earlier token: generation methods that crop "
+    "the cache (assisted generation, prompt lookup decoding) are not supported. Generate without assistant_model / "
+    "prompt_lookup_num_tokens."
+)
 
 
-def write_recurrent_states(cache, layer_idx: int, states, consumed_length: int):
-    """Store a causal attention's states, and count the positions consumed (padding included) as
-    `cache.get_seq_length()`: `generate()` reads it to feed only the new tokens when it continues from a cache that
-    already holds some."""
-    layer = cache.layers[layer_idx]
-    for index, state in enumerate(states):
-        cache.update_recurrent_state(state, layer_idx, state_idx=index)
-        # transformers sets this flag and the length in `update_conv_state` only; Luna has no convolution state.
-        layer.has_previous_state[index] = True
-    layer.cumulative_length_linear.add_(consumed_length)
+class LunaCacheLayer(CacheLayerMixin):
+    """One decoder layer's constant-size states (a causal attention's running sums, token count and pack queries, or
+    a cross-attention's keys and values) and the number of positions they have read. transformers' own
+    linear-attention cache layers changed their interface from release to release, so Luna keeps its own; it is a
+    `CacheLayerMixin` only so that transformers' `Cache` methods accept it, and holds no per-token keys and values."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.states: list[torch.Tensor] | None = None
+        self.consumed_length = 0
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        pass  # the states are written whole by `LunaCache.write`
+
+    def update(self, *args, **kwargs):
+        raise ValueError("Luna's cache keeps running sums, not keys and values: it has no update(); use write().")
+
+    def get_seq_length(self) -> int:
+        return self.consumed_length
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        raise ValueError("Luna's cache keeps running sums, not keys and values: no attention mask is built over it.")
+
+    def get_max_length(self) -> int:
+        return -1  # no sequence dimension: the states do not grow with the context
+
+    get_max_cache_shape = get_max_length  # the same, under transformers' name before 5.13
+
+    def reset(self) -> None:
+        self.states, self.consumed_length = None, 0
+
+    def offload(self) -> None:
+        pass  # a few small tensors: never offloaded
+
+    def prefetch(self) -> None:
+        pass
+
+    def map_states(self, function) -> None:
+        if self.states is not None:
+            self.states = [function(state) for state in self.states]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.map_states(lambda state: state.index_select(0, beam_idx.to(state.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.map_states(lambda state: state.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.map_states(lambda state: state[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(CANNOT_ROLL_BACK)
+
+
+class LunaCache(Cache):
+    """The cache of Luna's causal attentions for `generate()` and step-by-step decoding: per layer a few tensors whose
+    size does not grow with the context (`LunaCacheLayer`). `LunaCache(config)` for `LunaForCausalLM`; the
+    translation model keeps two, the decoder's own and its cross-attention's (`EncoderDecoderCache`). The models
+    build it themselves when `use_cache` is on and none is given."""
+
+    def __init__(self, config=None, num_layers: int | None = None):
+        if num_layers is None:
+            if config is None:
+                raise ValueError("LunaCache needs the model's config (LunaCache(model.config)) or num_layers.")
+            num_layers = getattr(config, "decoder_layers", config.num_hidden_layers)
+        super().__init__(layers=[LunaCacheLayer() for _ in range(num_layers)])
+
+    def has_previous_state(self, layer_idx: int = 0) -> bool:
+        return self.layers[layer_idx].states is not None
+
+    def read(self, layer_idx: int) -> list[torch.Tensor] | None:
+        """The layer's states, None before its first token."""
+        return self.layers[layer_idx].states
+
+    def write(self, layer_idx: int, states, consumed_length: int) -> None:
+        """Store a layer's states and count the positions it consumed (padding included) as `get_seq_length()`:
+        `generate()` reads it to feed only the new tokens when it continues from a cache that already holds some."""
+        layer = self.layers[layer_idx]
+        layer.states = list(states)
+        layer.consumed_length += consumed_length
+
+
+class LunaCacheForGeneration:
+    """`generate()` gives a model without a cache of its own an empty `DynamicCache` of keys and values (or none, and
+    then refuses chunked prefill): Luna's models give it their `LunaCache` instead, via `empty_cache()`. Assisted
+    generation, which rolls the cache back, is refused before anything runs."""
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
+        if str(getattr(generation_mode, "value", generation_mode)) == "assisted_generation":
+            raise ValueError(CANNOT_ROLL_BACK)
+        if generation_config.use_cache is not False and model_kwargs.get(CACHE_OUTPUT_NAME) is None:
+            model_kwargs[CACHE_OUTPUT_NAME] = self.empty_cache()
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
 
 
 class LunaCausalAttention(nn.Module):
@@ -210,7 +315,7 @@ class LunaCausalAttention(nn.Module):
     def forward(self, hidden_states, packed_states, token_mask, token_count, slot_mask=None, cache=None):
         """X (batch, n, hidden), P (l or batch x l, hidden), token_mask (batch, n), token_count (batch, n): real tokens
         up to each position, cached ones included; slot_mask (batch, l), 1 = usable slot. Returns Y and W."""
-        past = read_recurrent_states(cache, self.layer_idx, number_of_states=4)
+        past = None if cache is None else cache.read(self.layer_idx)
         if past is None:
             pack_queries = self.split_heads(self.pack_query_proj(packed_states)) * self.scaling
         else:
@@ -236,7 +341,7 @@ class LunaCausalAttention(nn.Module):
         if cache is not None:
             pack_queries = pack_queries.expand(hidden_states.shape[0], *pack_queries.shape[-3:])
             states = (key_sums, value_sums, token_count[:, -1], pack_queries)
-            write_recurrent_states(cache, self.layer_idx, states, consumed_length=hidden_states.shape[1])
+            cache.write(self.layer_idx, states, consumed_length=hidden_states.shape[1])
         return self.o_proj(output.transpose(1, 2).flatten(2)), weights
 
 
@@ -417,7 +522,7 @@ class LearnedKernelCausalAttention(LearnedKernelAttention):
         """As `LunaCausalAttention.forward`, whose interface it shares: there is no P, so `packed_states` and
         `slot_mask` are None. Returns the attention's output and None (no weights)."""
         query_features, key_features, value = self.features(hidden_states, token_mask)
-        past = read_recurrent_states(cache, self.layer_idx, number_of_states=3)
+        past = None if cache is None else cache.read(self.layer_idx)
         state = None
         if past is not None:  # S and z side by side: z is the sum of phi(k) times the value 1
             state = torch.cat([past[KERNEL_VALUE_SUMS], past[KERNEL_NORMALIZER_SUMS].unsqueeze(-1)], dim=-1)
@@ -427,7 +532,7 @@ class LearnedKernelCausalAttention(LearnedKernelAttention):
             output = (sums[..., :-1] / sums[..., -1:].clamp(min=self.eps)).to(value.dtype)
         if cache is not None:
             states = (state[..., :-1], state[..., -1], token_count[:, -1])
-            write_recurrent_states(cache, self.layer_idx, states, consumed_length=hidden_states.shape[1])
+            cache.write(self.layer_idx, states, consumed_length=hidden_states.shape[1])
         return self.o_proj(output.transpose(1, 2).flatten(2)), None
 
 

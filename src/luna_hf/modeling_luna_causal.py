@@ -21,15 +21,11 @@ Copied next to saved checkpoints for `trust_remote_code`: it imports only torch,
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_luna import LunaConfig
 from .modeling_luna import (
@@ -40,7 +36,15 @@ from .modeling_luna import (
     LunaModel,
     LunaPreTrainedModel,
 )
-from .modeling_luna_attention import CAUSAL_ATTENTION_CLASSES, TOKEN_COUNT
+from .modeling_luna_attention import CAUSAL_ATTENTION_CLASSES, TOKEN_COUNT, LunaCache, LunaCacheForGeneration
+from .transformers_compat import (
+    CACHE_OUTPUT_NAME,
+    capture_outputs,
+    init,
+    require_generation_support,
+    slice_logits_to_keep,
+    take_cache_argument,
+)
 
 
 class LunaCausalEmbeddings(nn.Module):
@@ -83,8 +87,15 @@ class LunaCausalLayer(GradientCheckpointingLayer):
 
 class LunaDecoderPreTrainedModel(LunaPreTrainedModel):
     _no_split_modules = ["LunaCausalEmbeddings", "LunaCausalLayer"]
-    _is_stateful = True  # running sums cannot be rolled back (forward refuses generation methods that crop the cache)
+    _is_stateful = True  # running sums cannot be rolled back (the cache refuses generation methods that crop it)
     _can_record_outputs = {"hidden_states": LunaCausalLayer}
+
+    def __init__(self, config: LunaConfig, *args, **kwargs):
+        require_generation_support(type(self).__name__)
+        super().__init__(config, *args, **kwargs)
+
+    def empty_cache(self) -> LunaCache:
+        return LunaCache(self.config)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -94,11 +105,11 @@ class LunaDecoderPreTrainedModel(LunaPreTrainedModel):
             init.normal_(module.projected_embeddings, mean=0.0, std=1.0)
 
 
-def check_cache_continues(cache: Cache, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+def check_cache_continues(cache: LunaCache, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
     """A filled cache continues only the rows it read, with the positions it read: its running sums cannot be
     expanded, reordered or rolled back. Without these checks the model would read the new tokens as following text
     they do not follow and return wrong outputs silently."""
-    cached_rows, (rows, new_length) = cache.get_recurrent_state(0, TOKEN_COUNT).shape[0], tokens.shape
+    cached_rows, (rows, new_length) = cache.read(0)[TOKEN_COUNT].shape[0], tokens.shape
     if rows != cached_rows:
         raise ValueError(
             f"The cache holds running sums for {cached_rows} rows, the input has {rows}. A filled cache cannot be "
@@ -110,7 +121,7 @@ def check_cache_continues(cache: Cache, tokens: torch.Tensor, attention_mask: to
             f"The attention mask covers {attention_mask.shape[1]} positions, but the cache has read {read} and "
             f"{new_length} tokens are new: pass a mask of {read + new_length} (cached + new) or {new_length} (new) "
             "columns. A cache that has read more than a prefix of this text (e.g. one used by an earlier generate() "
-            "call, which also read the generated tokens) cannot be reused: start from DynamicCache(config=config)."
+            "call, which also read the generated tokens) cannot be reused: start from LunaCache(config), or none."
         )
 
 
@@ -130,28 +141,26 @@ class LunaDecoderModel(LunaDecoderPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cache: Cache | None = None,
+        cache: LunaCache | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         r"""
         attention_mask (`torch.Tensor` of shape `(batch_size, cached + sequence_length)`, *optional*): 1 for real
             tokens, 0 for padding (left padding for batched generation); its last `sequence_length` columns are used.
-        cache (`Cache`, *optional*): `DynamicCache(config=model.config)`, holding per layer the running sums, the
-            token count and (nested attention) the pack queries; its size does not grow with the context.
+        cache (`LunaCache`, *optional*; also accepted as `past_key_values`): per layer the running sums, the token
+            count and (nested attention) the pack queries; its size does not grow with the context.
         """
+        cache = take_cache_argument(cache, kwargs.pop("past_key_values", None))
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
         use_cache = use_cache if use_cache is not None else self.config.use_cache and not self.training
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if cache is not None and (len(cache.layers) != len(self.layers) or not all(cache.is_linear)):
-            raise ValueError("Causal Luna keeps running sums, not keys and values: pass DynamicCache(config=config).")
-        if cache is not None and any(layer.record_past for layer in cache.layers):
+            cache = self.empty_cache()
+        if cache is not None and (not isinstance(cache, LunaCache) or len(cache.layers) != len(self.layers)):
             raise ValueError(
-                "Causal Luna's cache holds running sums, which cannot be rolled back to an earlier token: generation "
-                "methods that crop the cache (assisted generation, prompt lookup decoding) are not supported. "
-                "Generate without assistant_model / prompt_lookup_num_tokens."
+                f"Causal Luna keeps running sums, not keys and values: pass LunaCache(config) (from luna_hf, or this "
+                f"model's modeling_luna_attention), or no cache; got {type(cache).__name__}."
             )
 
         tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
@@ -160,7 +169,7 @@ class LunaDecoderModel(LunaDecoderPreTrainedModel):
             token_mask = attention_mask[:, -tokens.shape[1] :].long()
         past_count = token_mask.new_zeros(tokens.shape[0])
         if cache is not None and cache.has_previous_state(0):
-            past_count = cache.get_recurrent_state(0, TOKEN_COUNT)
+            past_count = cache.read(0)[TOKEN_COUNT]
             check_cache_continues(cache, tokens, attention_mask)
         token_count = past_count[:, None] + token_mask.cumsum(dim=1)
         position_ids = token_count * token_mask + self.config.pad_token_id
@@ -170,10 +179,11 @@ class LunaDecoderModel(LunaDecoderPreTrainedModel):
         hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids)
         for layer in self.layers:
             hidden_states = layer(hidden_states, token_mask, token_count, cache=cache)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+        cache = {CACHE_OUTPUT_NAME: cache if use_cache else None}
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache)
 
 
-class LunaForCausalLM(LunaDecoderPreTrainedModel, GenerationMixin):
+class LunaForCausalLM(LunaCacheForGeneration, LunaDecoderPreTrainedModel, GenerationMixin):
     # The masked LM's head (`LunaLMHead`), tied to the token embeddings the same way.
     _tied_weights_keys = LunaForMaskedLM._tied_weights_keys
     get_output_embeddings = LunaForMaskedLM.get_output_embeddings
@@ -193,36 +203,39 @@ class LunaForCausalLM(LunaDecoderPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cache: Cache | None = None,
+        cache: LunaCache | None = None,
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: LunaCache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): the input ids (shifted
-        inside: position t predicts token t + 1), -100 where no prediction is scored."""
+        inside: position t predicts token t + 1), -100 where no prediction is scored. past_key_values: `cache` under
+        its name before transformers 5.25, whose generate() passes it so."""
+        cache = take_cache_argument(cache, past_key_values)
         outputs = self.luna(input_ids, attention_mask, inputs_embeds, cache=cache, use_cache=use_cache, **kwargs)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         hidden_states = outputs.hidden_states
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=hidden_states)
+        cache = {CACHE_OUTPUT_NAME: getattr(outputs, CACHE_OUTPUT_NAME)}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states, **cache)
 
-    def prepare_inputs_for_generation(
-        self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, **kwargs
-    ):
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, inputs_embeds=None, **kwargs):
         # generate() continues a filled cache by feeding the input's last (length - cached) tokens; a cache that has
         # read as much as the input, or more, would make that count zero or negative and the model read wrong tokens.
         if next_sequence_length is not None and next_sequence_length < 1:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             raise ValueError(
                 f"The cache has already read {int(cache.get_seq_length())} positions, as many as this input's "
                 f"{input_ids.shape[1]} or more: it holds another text, or an earlier generate() call's (which also "
-                "read the generated tokens). Pass a cache that holds a beginning of this input, or a new "
-                "DynamicCache(config=model.config)."
+                "read the generated tokens). Pass a cache that holds a beginning of this input, a new "
+                "LunaCache(model.config), or none."
             )
         return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length, cache=cache, inputs_embeds=inputs_embeds, **kwargs
+            input_ids, next_sequence_length, inputs_embeds=inputs_embeds, **kwargs
         )
 
 

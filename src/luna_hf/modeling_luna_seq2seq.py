@@ -29,9 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.modeling_utils import PreTrainedModel
@@ -39,9 +37,24 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
+from .configuration_luna import LunaConfig  # noqa: F401  (imported by modeling_luna: see transformers_compat.py)
 from .configuration_luna_seq2seq import LunaSeq2SeqConfig
 from .modeling_luna import LunaDropout, LunaLayer, LunaModel, save_with_code
-from .modeling_luna_attention import TOKEN_COUNT, LunaAttention, LunaCausalAttention, write_recurrent_states
+from .modeling_luna_attention import (
+    TOKEN_COUNT,
+    LunaCache,
+    LunaCacheForGeneration,
+    LunaCausalAttention,
+    LunaPackAttention,
+    LunaUnpackAttention,
+)
+from .transformers_compat import (
+    CACHE_OUTPUT_NAME,
+    create_bidirectional_mask,
+    init,
+    require_generation_support,
+    take_cache_argument,
+)
 
 LUNA_SEQ2SEQ_AUTO_MAP = {
     "AutoConfig": "configuration_luna_seq2seq.LunaSeq2SeqConfig",
@@ -54,8 +67,8 @@ LUNA_SEQ2SEQ_CODE_FILES = (
     "modeling_luna.py",
     "modeling_luna_attention.py",
     "modeling_luna_seq2seq.py",
+    "transformers_compat.py",
 )
-CROSS_KEYS, CROSS_VALUES = 0, 1  # the cross-attention's states in its cache layer
 
 
 @dataclass
@@ -115,6 +128,14 @@ class LunaSeq2SeqPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _is_stateful = True  # the causal running sums cannot be rolled back
+
+    def __init__(self, config: LunaSeq2SeqConfig, *args, **kwargs):
+        require_generation_support(type(self).__name__)
+        super().__init__(config, *args, **kwargs)
+
+    def empty_cache(self) -> EncoderDecoderCache:
+        """The decoder's causal running sums and its cross-attention's keys and values of the packed source."""
+        return EncoderDecoderCache(LunaCache(self.config), LunaCache(self.config))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         save_with_code(
@@ -233,22 +254,19 @@ class LunaCrossAttention(nn.Module):
     def __init__(self, config: LunaSeq2SeqConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.pack_attention = LunaAttention(config, output_projection=False)
-        self.unpack_attention = LunaAttention(config, output_projection=True)
+        self.pack_attention = LunaPackAttention(config)
+        self.unpack_attention = LunaUnpackAttention(config)
 
     def forward(self, hidden_states, packed_states, encoder_hidden_states, pack_mask, unpack_mask, cache=None):
         """Returns the unpack output and Y_P (None when the keys and values come from the cache)."""
-        if cache is not None and cache.has_previous_state(self.layer_idx, state_idx=CROSS_KEYS):
+        if cache is not None and cache.has_previous_state(self.layer_idx):
             packed_context = None
-            key_value = (
-                cache.get_recurrent_state(self.layer_idx, CROSS_KEYS),
-                cache.get_recurrent_state(self.layer_idx, CROSS_VALUES),
-            )
+            key_value = cache.read(self.layer_idx)
         else:
             packed_context, _ = self.pack_attention(packed_states, encoder_hidden_states, pack_mask)
             key_value = self.unpack_attention.key_value(packed_context)
             if cache is not None:
-                write_recurrent_states(cache, self.layer_idx, key_value, consumed_length=0)
+                cache.write(self.layer_idx, key_value, consumed_length=0)
         attended, _ = self.unpack_attention(hidden_states, None, unpack_mask, key_value=key_value)
         return attended, packed_context
 
@@ -378,7 +396,7 @@ class LunaSeq2SeqDecoder(LunaSeq2SeqPreTrainedModel):
             token_mask = attention_mask[:, -tokens.shape[1] :].long()
         past_count = token_mask.new_zeros(tokens.shape[0])
         if cache is not None and cache.self_attention_cache.has_previous_state(0):
-            past_count = cache.self_attention_cache.get_recurrent_state(0, TOKEN_COUNT)
+            past_count = cache.self_attention_cache.read(0)[TOKEN_COUNT]
         token_count = past_count[:, None] + token_mask.cumsum(dim=1)
         if int(token_count.max()) > self.config.max_position_embeddings:
             raise ValueError(
@@ -394,7 +412,7 @@ class LunaSeq2SeqDecoder(LunaSeq2SeqPreTrainedModel):
         reads neither."""
         packed_states, slot_mask = encoder_outputs.packed_hidden_state, encoder_outputs.packed_attention_mask
         unpack_mask = unpack_attention_mask(self.config, hidden_states, packed_states, slot_mask)
-        if cache is not None and cache.cross_attention_cache.has_previous_state(0, state_idx=CROSS_KEYS):
+        if cache is not None and cache.cross_attention_cache.has_previous_state(0):
             return None, None, (None, unpack_mask, slot_mask)
         encoder_hidden_states = encoder_outputs.last_hidden_state
         if encoder_attention_mask is None:
@@ -438,7 +456,7 @@ class LunaSeq2SeqModel(LunaSeq2SeqPreTrainedModel):
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: LunaSeq2SeqEncoderOutput | None = None,
-        cache: Cache | None = None,
+        cache: EncoderDecoderCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         decoder_inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
@@ -450,10 +468,11 @@ class LunaSeq2SeqModel(LunaSeq2SeqPreTrainedModel):
             `config.decoder_start_token_id`; with a filled cache, only the new tokens.
         decoder_attention_mask: 1 for real target tokens (right padding), cached columns included or not.
         encoder_outputs (`LunaSeq2SeqEncoderOutput`, *optional*): the encoder's output, instead of the source.
-        cache (`EncoderDecoderCache`, *optional*): per decoder layer, the causal attention's running sums, token
-            count and pack queries, and the cross-attention's keys and values of the packed source; their size
-            depends on neither the source nor the target length.
+        cache (`EncoderDecoderCache` of two `LunaCache`, *optional*; also accepted as `past_key_values`): per decoder
+            layer, the causal attention's running sums, token count and pack queries, and the cross-attention's keys
+            and values of the packed source; their size depends on neither the source nor the target length.
         """
+        cache = take_cache_argument(cache, kwargs.pop("past_key_values", None))
         use_cache = use_cache if use_cache is not None else self.config.use_cache and not self.training
         if encoder_outputs is None:
             encoder_outputs = self.encoder(input_ids, attention_mask, inputs_embeds, **kwargs)
@@ -466,7 +485,7 @@ class LunaSeq2SeqModel(LunaSeq2SeqPreTrainedModel):
                 )
             encoder_outputs = LunaSeq2SeqEncoderOutput(*encoder_outputs)
         if use_cache and cache is None:
-            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+            cache = self.empty_cache()
         check_cache(cache, self.config.decoder_layers)
         hidden_states = self.decoder(
             decoder_input_ids,
@@ -478,7 +497,7 @@ class LunaSeq2SeqModel(LunaSeq2SeqPreTrainedModel):
         )
         return Seq2SeqModelOutput(
             last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
+            **{CACHE_OUTPUT_NAME: cache if use_cache else None},
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
         )
 
@@ -487,19 +506,14 @@ def check_cache(cache, num_layers: int) -> None:
     if cache is None:
         return
     caches = (getattr(cache, "self_attention_cache", None), getattr(cache, "cross_attention_cache", None))
-    if not all(isinstance(part, Cache) and len(part.layers) == num_layers and all(part.is_linear) for part in caches):
+    if not all(isinstance(part, LunaCache) and len(part.layers) == num_layers for part in caches):
         raise ValueError(
             "Luna's decoder keeps constant-size states, not keys and values of every token: pass "
-            "EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config)), or no cache."
-        )
-    if any(layer.record_past for part in caches for layer in part.layers):
-        raise ValueError(
-            "Luna's cache holds running sums, which cannot be rolled back to an earlier token: generation methods "
-            "that crop the cache (assisted generation, prompt lookup decoding) are not supported."
+            "EncoderDecoderCache(LunaCache(config), LunaCache(config)), or no cache."
         )
 
 
-class LunaForConditionalGeneration(LunaSeq2SeqPreTrainedModel, GenerationMixin):
+class LunaForConditionalGeneration(LunaCacheForGeneration, LunaSeq2SeqPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.encoder.embed_tokens.weight"}
 
     def __init__(self, config: LunaSeq2SeqConfig):
@@ -525,20 +539,23 @@ class LunaForConditionalGeneration(LunaSeq2SeqPreTrainedModel, GenerationMixin):
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: LunaSeq2SeqEncoderOutput | None = None,
-        cache: Cache | None = None,
+        cache: EncoderDecoderCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         decoder_inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqLMOutput:
         r"""As `LunaSeq2SeqModel.forward`; labels (`torch.LongTensor` of shape `(batch_size, target_length)`): the
         target (-100 where no prediction is scored); without `decoder_input_ids` the decoder reads them shifted right
-        after `config.decoder_start_token_id`."""
+        after `config.decoder_start_token_id`. past_key_values: `cache` under its name before transformers 5.25,
+        whose generate() passes it so."""
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        cache = take_cache_argument(cache, past_key_values)
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -558,8 +575,8 @@ class LunaForConditionalGeneration(LunaSeq2SeqPreTrainedModel, GenerationMixin):
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            **{CACHE_OUTPUT_NAME: getattr(outputs, CACHE_OUTPUT_NAME)},
         )
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
