@@ -29,6 +29,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser
 
 from luna_hf import LunaConfig, LunaForCausalLM
+from luna_hf.transformers_compat import CACHE_OUTPUT_NAME
 
 MODELS = ("luna", "gpt2")
 TITLES = {"luna": "Luna", "gpt2": "GPT-2 (KV cache, SDPA)"}
@@ -58,6 +59,7 @@ class GenerationBenchmarkArguments:
     threads: int = field(default=1, metadata={"help": "torch threads per configuration."})
     fresh_process: bool = field(default=True, metadata={"help": "Run each model (and training length) in its own "
                                                            "process."})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (timings then wait for the GPU: synchronize)."})
     output: str = field(default="benchmarks/results/generation.md")
 
 
@@ -84,11 +86,11 @@ def build_model(args: GenerationBenchmarkArguments, name: str, max_length: int):
 
 
 def cache_mib(cache) -> float:
-    """Memory held by a cache: key/value tensors (attention layers) and recurrent states (linear-attention layers)."""
+    """Memory held by a cache: key/value tensors (GPT-2's layers) and running sums (Luna's `LunaCacheLayer`s)."""
     tensors = []
     for layer in cache.layers:
         tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
-        tensors += list(getattr(layer, "recurrent_states", {}).values())
+        tensors += list(getattr(layer, "states", None) or [])
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)) / 2**20
 
 
@@ -97,23 +99,25 @@ def measure_decoding(args: GenerationBenchmarkArguments, name: str) -> list[dict
     round, so that the machine's load weighs on every context alike (the untimed first steps of a block absorb what
     the other contexts' caches did to the CPU caches)."""
     torch.set_num_threads(args.threads)
-    model = build_model(args, name, max_generated_length(args)).eval()
+    model = build_model(args, name, max_generated_length(args)).to(args.device).eval()
+    clock = Clock(args.device)
     caches, next_tokens, prefill_seconds, step_seconds = {}, {}, {}, {context: [] for context in args.contexts}
     with torch.inference_mode():
         for context in args.contexts:
             ids = torch.randint(3, args.vocab_size, (1, context), generator=torch.Generator().manual_seed(context))
-            start = time.perf_counter()
-            outputs = model(ids, use_cache=True, logits_to_keep=1)
-            prefill_seconds[context] = time.perf_counter() - start
-            caches[context], next_tokens[context] = outputs.cache, outputs.logits[:, -1:].argmax(-1)
+            start = clock()
+            outputs = model(ids.to(args.device), use_cache=True, logits_to_keep=1)
+            prefill_seconds[context] = clock() - start
+            caches[context] = getattr(outputs, CACHE_OUTPUT_NAME)
+            next_tokens[context] = outputs.logits[:, -1:].argmax(-1)
         for _ in range(args.rounds):
             for context in args.contexts:
                 for step in range(args.warmup_tokens + args.new_tokens):
-                    start = time.perf_counter()
-                    outputs = model(next_tokens[context], cache=caches[context], use_cache=True)
+                    start = clock()
+                    outputs = model(next_tokens[context], **{CACHE_OUTPUT_NAME: caches[context]}, use_cache=True)
                     next_tokens[context] = outputs.logits[:, -1:].argmax(-1)
                     if step >= args.warmup_tokens:
-                        step_seconds[context].append(time.perf_counter() - start)
+                        step_seconds[context].append(clock() - start)
     rows = []
     for context in args.contexts:
         timed = sorted(step_seconds[context])
@@ -123,22 +127,38 @@ def measure_decoding(args: GenerationBenchmarkArguments, name: str) -> list[dict
     return rows
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "CPU"
+
+
+class Clock:
+    """`time.perf_counter()`, after waiting for the GPU's queued work when timing on CUDA."""
+
+    def __init__(self, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
 def max_generated_length(args: GenerationBenchmarkArguments) -> int:
     return max(args.contexts) + args.rounds * (args.warmup_tokens + args.new_tokens)
 
 
 def measure_training(args: GenerationBenchmarkArguments, name: str, length: int) -> dict:
     torch.set_num_threads(args.threads)
-    model = build_model(args, name, length).train()
+    model = build_model(args, name, length).to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(3, args.vocab_size, (args.train_batch_size, length), generator=torch.Generator().manual_seed(0))
-    step_seconds = []
+    ids, clock, step_seconds = ids.to(args.device), Clock(args.device), []
     for _ in range(1 + args.train_steps):
-        start = time.perf_counter()
+        start = clock()
         model(ids, labels=ids, use_cache=False).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_seconds.append(time.perf_counter() - start)
+        step_seconds.append(clock() - start)
     median = statistics.median(step_seconds[1:])
     return dict(model=name, length=length, step_s=median, tokens_per_s=args.train_batch_size * length / median)
 
@@ -158,7 +178,7 @@ def report(args, command, decoding, training, load_before) -> str:
     max_length = max_generated_length(args)
     parameters = {name: sum(p.numel() for p in build_model(args, name, max_length).parameters()) for name in MODELS}
     lines = [
-        "# Causal Luna vs GPT-2: per-token generation latency and training speed (CPU)",
+        f"# Causal Luna vs GPT-2: per-token generation latency and training speed ({device_name(args.device)})",
         "",
         f"Command: `{command}`",
         "",

@@ -23,8 +23,8 @@ nested causal attention).
 
 `LunaCache`: the causal attentions' constant-size states for `generate()`.
 
-Copied next to saved checkpoints for `trust_remote_code`: it imports only torch, transformers and its sibling
-`configuration_luna.py`.
+Copied next to saved checkpoints for `trust_remote_code`: it imports only torch, transformers and its siblings
+`configuration_luna.py` and `transformers_compat.py`.
 """
 
 import math
@@ -33,12 +33,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from .configuration_luna import LunaConfig
-from .transformers_compat import CACHE_OUTPUT_NAME
+from .transformers_compat import CACHE_OUTPUT_NAME, attention_function
 
 
 def eager_attention_forward(
@@ -106,9 +105,7 @@ class LunaAttention(nn.Module):
         query = self.split_heads(self.q_proj(queries))
         key, value = self.key_value(context) if key_value is None else key_value
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        attention_interface: Callable = attention_function(self.config._attn_implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
             query,

@@ -173,8 +173,12 @@ class LunaDecoderModel(LunaDecoderPreTrainedModel):
             check_cache_continues(cache, tokens, attention_mask)
         token_count = past_count[:, None] + token_mask.cumsum(dim=1)
         position_ids = token_count * token_mask + self.config.pad_token_id
-        if int(token_count.max()) > self.config.max_sequence_length:
-            raise ValueError(f"{int(token_count.max())} tokens exceed the model's {self.config.max_sequence_length}.")
+        # Real tokens never outnumber the positions read, so only then is the count read back from the device (a
+        # host synchronisation that a decoding step on the GPU would otherwise pay for every token).
+        limit = self.config.max_sequence_length
+        positions_read = tokens.shape[1] + (cache.get_seq_length() if cache is not None else 0)
+        if positions_read > limit and int(token_count.max()) > limit:
+            raise ValueError(f"{int(token_count.max())} tokens exceed the model's {limit}.")
 
         hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids)
         for layer in self.layers:

@@ -398,7 +398,9 @@ class LunaSeq2SeqDecoder(LunaSeq2SeqPreTrainedModel):
         if cache is not None and cache.self_attention_cache.has_previous_state(0):
             past_count = cache.self_attention_cache.read(0)[TOKEN_COUNT]
         token_count = past_count[:, None] + token_mask.cumsum(dim=1)
-        if int(token_count.max()) > self.config.max_position_embeddings:
+        positions_read = tokens.shape[1] + (cache.get_seq_length() if cache is not None else 0)
+        limit = self.config.max_position_embeddings  # checked on the host only when it might be exceeded (no sync)
+        if positions_read > limit and int(token_count.max()) > limit:
             raise ValueError(
                 f"The target reaches {int(token_count.max())} tokens, more than this model's "
                 f"max_position_embeddings={self.config.max_position_embeddings}: shorten the target, or generate "

@@ -27,6 +27,7 @@ import torch
 import transformers
 from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 try:
     from transformers import PreTrainedConfig
@@ -89,6 +90,14 @@ except ImportError:  # transformers 4.x
         return torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=mask.device).masked_fill(~mask, minimum)
 
 
+def attention_function(implementation: str, eager_attention_forward):
+    """The attention kernel of `config._attn_implementation`: transformers' registered one (SDPA, flash, flex, ...),
+    or the model's own eager function."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    return eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]  # 4.x
+
+
 # transformers 5.25 renamed the cache of model outputs and of `generate()`'s model inputs from `past_key_values` to
 # `cache`: the models accept both names and return the cache under the installed release's.
 CACHE_OUTPUT_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -129,6 +138,7 @@ __all__ = [
     "CACHE_OUTPUT_NAME",
     "GENERATION_RELEASE",
     "OutputRecorder",
+    "attention_function",
     "PreTrainedConfig",
     "capture_outputs",
     "create_bidirectional_mask",
