@@ -82,7 +82,7 @@ MODELS = {
     "bigbird": ("bigbird", dict(attention_type="block_sparse", block_size=64, num_random_blocks=3)),
     "nystromformer": ("nystromformer", dict(num_landmarks=64, conv_kernel_size=65)),
     "floor": ("floor", dict(attn_implementation="sdpa")),
-    # FlexAttention compiles a kernel for the GPU; run it there only (see scripts/gpu_benchmark.sh).
+    # FlexAttention compiles a kernel for the GPU; run it there only (see scripts/gpu_run.py).
     "roberta-flex": ("roberta", dict(attn_implementation="flex_attention")),
 }
 GPU_ONLY = {"roberta-flex"}

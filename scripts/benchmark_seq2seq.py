@@ -27,6 +27,7 @@ from benchmark_generation import cache_mib
 from transformers import HfArgumentParser, MarianConfig, MarianMTModel
 
 from luna_hf import LunaForConditionalGeneration, LunaSeq2SeqConfig
+from luna_hf.transformers_compat import CACHE_OUTPUT_NAME
 
 
 @dataclass
@@ -97,14 +98,14 @@ def measure_decoding(args: Seq2SeqBenchmarkArguments, name: str) -> list[dict]:
             encoder_outputs = model.get_encoder()(input_ids=ids.to(args.device))
             encode_seconds[source] = clock(args.device) - start
             outputs = model(encoder_outputs=encoder_outputs, decoder_input_ids=start_token, use_cache=True)
-            state[source] = (encoder_outputs, outputs.cache, outputs.logits[:, -1:].argmax(-1))
+            state[source] = (encoder_outputs, getattr(outputs, CACHE_OUTPUT_NAME), outputs.logits[:, -1:].argmax(-1))
         for _ in range(args.rounds):
             for source in args.sources:
                 encoder_outputs, cache, next_token = state[source]
                 for step in range(args.warmup_tokens + args.new_tokens):
                     start = clock(args.device)
-                    outputs = model(encoder_outputs=encoder_outputs, decoder_input_ids=next_token, cache=cache,
-                                    use_cache=True)  # fmt: skip
+                    outputs = model(encoder_outputs=encoder_outputs, decoder_input_ids=next_token,
+                                    **{CACHE_OUTPUT_NAME: cache}, use_cache=True)  # fmt: skip
                     next_token = outputs.logits[:, -1:].argmax(-1)
                     if step >= args.warmup_tokens:
                         step_seconds[source].append(clock(args.device) - start)

@@ -64,7 +64,8 @@ TOLERANCE = 1e-5
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--releases", nargs="+", default=DEFAULT_RELEASES, help="transformers releases to check.")
-    parser.add_argument("--venv_dir", default=str(ROOT / ".venvs"), help="Where the environments live (reused).")
+    parser.add_argument("--venv_dir", default=str(Path.home() / ".cache" / "luna-hf-matrix"),
+                        help="Where the environments live (reused while they hold the same requirements).")
     parser.add_argument("--skip_tests", action="store_true", help="Only the round trip (and the dry run).")
     parser.add_argument("--gpu_dry_run", default="5.17.0", help="Release whose environment dry-runs gpu_run.py "
                         "('none': skip).")  # fmt: skip

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from luna_hf import (
     LunaConfig,
@@ -575,3 +575,25 @@ def test_resize_token_embeddings_keeps_the_tie():
     assert model.config.vocab_size == VOCAB + 7
     assert model.lm_head.decoder.weight is model.luna.embeddings.word_embeddings.weight
     assert model(torch.tensor([[VOCAB + 6, 4, 5]])).logits.shape == (1, 3, VOCAB + 7)
+
+
+def test_a_folder_saved_before_the_lm_bias_and_pooler_moved_is_refused_with_the_fix(tmp_path):
+    """Never silently re-initialised: the old names stop the load with the rename, which then loads the same model."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = LunaForSequenceClassification(tiny_config(classifier_pooling="packed_attention", num_labels=2)).eval()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    old = {key.replace("classifier.pooler.", "luna.pooler.", 1): value for key, value in state.items()}
+    assert old != state
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"before December 2026.*luna\.pooler\..*Rename them once") as refusal:
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    fix = str(refusal.value).split("then load again:\n")[1].split("\n(docs")[0]
+    exec(textwrap.dedent(fix))  # the printed fix, as a user would paste it
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    input_ids, attention_mask = padded_batch([5, 3])
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids, attention_mask=attention_mask).logits,
+                           model(input_ids, attention_mask=attention_mask).logits)  # fmt: skip

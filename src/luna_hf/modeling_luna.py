@@ -25,12 +25,14 @@ Each file imports every sibling it needs directly: some transformers releases (5
 cache a remote-code file's own relative imports, not theirs.
 """
 
+import json
 import shutil
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers.activations import ACT2FN, gelu
 from transformers.loss.loss_utils import fixed_cross_entropy
@@ -90,6 +92,35 @@ def save_with_code(save_pretrained, model, save_directory, auto_map: dict, code_
         for name in code_files:
             if (code_directory / name).is_file() and not (Path(save_directory) / name).is_file():
                 shutil.copyfile(code_directory / name, Path(save_directory) / name)
+
+
+# Tensors that luna-hf moved (December 2026): a folder saved before then would load with them re-initialised.
+MOVED_TENSORS = {"lm_head.bias": "lm_head.decoder.bias", "luna.pooler.": "classifier.pooler."}
+
+
+def refuse_moved_tensors(folder) -> None:
+    """Stop, with the one-time fix, before a local folder saved by an older luna-hf loads with re-initialised weights
+    (the LM head's bias and the learned P poolers moved). Folders on the Hub are not inspected."""
+    names = set()
+    for index in Path(str(folder)).glob("*.safetensors.index.json"):
+        names |= set(json.loads(index.read_text())["weight_map"])
+    for shard in Path(str(folder)).glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as weights:
+            names |= set(weights.keys())
+    moved = sorted(name for name in names for old in MOVED_TENSORS if name.startswith(old))
+    if moved:
+        raise ValueError(
+            f"{folder} was saved by luna-hf before December 2026: its tensors {moved} have moved "
+            f"({', '.join(f'{old}* -> {new}*' for old, new in MOVED_TENSORS.items())}), and loading it now would "
+            "re-initialise them. Rename them once, then load again:\n"
+            "    from safetensors.torch import load_file, save_file\n"
+            f"    state = load_file('{folder}/model.safetensors')\n"
+            "    if 'lm_head.bias' in state: state.setdefault('lm_head.decoder.bias', state.pop('lm_head.bias'))\n"
+            "    state = {k.replace('luna.pooler.', 'classifier.pooler.', 1): v for k, v in state.items()}\n"
+            f"    save_file(state, '{folder}/model.safetensors', metadata={{'format': 'pt'}})\n"
+            "(docs/conversion.md, 'Folders saved by earlier luna-hf versions'; for remote code also copy the current "
+            "modeling_luna.py and transformers_compat.py into the folder)."
+        )
 
 
 @dataclass
@@ -366,6 +397,11 @@ class LunaPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         save_with_code(super().save_pretrained, self, save_directory, LUNA_AUTO_MAP, LUNA_CODE_FILES, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        refuse_moved_tensors(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
