@@ -426,3 +426,83 @@ def test_encoder_outputs_given_as_a_tuple_are_the_encoders_output():
         assert torch.equal(as_tuple, expected)
         with pytest.raises(ValueError, match="packed_hidden_state"):
             model(encoder_outputs=(encoder_outputs.last_hidden_state,), decoder_input_ids=decoder_input_ids)
+
+
+def test_resizing_untied_embeddings_resizes_source_target_and_output_as_bart_does(tmp_path):
+    model = tiny_model(seed=4, tie_word_embeddings=False).train()
+    model.resize_token_embeddings(VOCAB + 6)
+    embeddings = (model.model.encoder.embed_tokens, model.model.decoder.embed_tokens, model.lm_head)
+    assert [module.weight.shape[0] for module in embeddings] == [VOCAB + 6] * 3 and model.config.vocab_size == VOCAB + 6
+    assert embeddings[0].weight is not embeddings[1].weight  # still untied
+    new_ids = torch.full((2, 4), VOCAB + 5)
+    loss = model(input_ids=new_ids, labels=new_ids).loss  # a new id in the source, the target and the labels
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.decoder.embed_tokens.weight.grad[VOCAB + 5].abs().sum() > 0
+    model.eval().generate(new_ids, max_new_tokens=3, min_new_tokens=3)
+    model.save_pretrained(tmp_path)
+    reloaded = LunaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=new_ids, decoder_input_ids=new_ids).logits,
+                           model(input_ids=new_ids, decoder_input_ids=new_ids).logits)  # fmt: skip
+
+
+def test_hidden_states_are_returned_per_layer_and_attention_maps_refused_with_what_is_available():
+    model = tiny_model(seed=3, normalize_before=True)
+    source, source_mask = left_padded_source()
+    with torch.no_grad():
+        outputs = model(input_ids=source, attention_mask=source_mask, decoder_input_ids=target(),
+                        output_hidden_states=True)  # fmt: skip
+        encoder = model.get_encoder()(input_ids=source, attention_mask=source_mask, output_hidden_states=True)
+    assert len(outputs.encoder_hidden_states) == len(outputs.decoder_hidden_states) == 3  # embeddings + 2 layers
+    assert torch.equal(outputs.encoder_hidden_states[-1], outputs.encoder_last_hidden_state)  # after the final LN
+    assert len(encoder.packed_hidden_states) == 3 and torch.equal(encoder.packed_hidden_states[-1],
+                                                                  encoder.packed_hidden_state)  # fmt: skip
+    # The decoder's last state is the one the LM head reads: the logits follow from it.
+    torch.testing.assert_close(model.lm_head(outputs.decoder_hidden_states[-1]), outputs.logits)
+    with torch.no_grad():
+        generated = model.generate(source, attention_mask=source_mask, max_new_tokens=3, min_new_tokens=3,
+                                   output_hidden_states=True, return_dict_in_generate=True)  # fmt: skip
+    assert len(generated.encoder_hidden_states) == 3 and len(generated.decoder_hidden_states) == 3  # one per step
+    refused = "does not return attention maps.*output_hidden_states=True"
+    with pytest.raises(ValueError, match=refused):
+        model(input_ids=source, decoder_input_ids=target(), output_attentions=True)
+    with pytest.raises(ValueError, match=refused):
+        model.generate(source, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+
+
+def test_gradient_accumulation_gives_the_update_of_one_large_batch(tmp_path):
+    """With the Trainer's num_items_in_batch the loss of 4 accumulated micro-batches sums to the one-batch loss,
+    whatever the padding of each (the per-batch mean would weigh a short micro-batch's tokens more)."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for length in (2, 6, 3, 8):  # targets of different lengths: -100 padding where shorter
+        labels = torch.full((8,), -100)
+        labels[:length] = torch.randint(3, VOCAB, (length,), generator=generator)
+        rows.append(dict(input_ids=torch.randint(3, VOCAB, (5,), generator=generator), labels=labels))
+
+    def updated_weights(batch_size, accumulation):
+        model = tiny_model(seed=5).train()
+        arguments = Seq2SeqTrainingArguments(tmp_path / f"run{accumulation}", per_device_train_batch_size=batch_size,
+                                             gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0,
+                                             optim="sgd", lr_scheduler_type="constant", report_to=[],
+                                             save_strategy="no", use_cpu=True, seed=0)  # fmt: skip
+        Seq2SeqTrainer(model=model, args=arguments, train_dataset=rows).train()
+        return model.lm_head.weight.detach().clone()
+
+    torch.testing.assert_close(updated_weights(1, 4), updated_weights(4, 1), atol=1e-5, rtol=0)
+
+
+def test_generate_leaves_the_callers_encoder_outputs_as_they_were():
+    model = tiny_model(seed=3)
+    source, source_mask = left_padded_source()
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(input_ids=source, attention_mask=source_mask)
+    shapes = {name: tuple(value.shape) for name, value in encoder_outputs.items()}
+    settings = dict(encoder_outputs=encoder_outputs, attention_mask=source_mask, max_new_tokens=4, num_beams=3,
+                    num_return_sequences=2, do_sample=False)  # fmt: skip
+    first, second = model.generate(**settings), model.generate(**settings)
+    assert {name: tuple(value.shape) for name, value in encoder_outputs.items()} == shapes
+    assert torch.equal(first, second) and torch.equal(first, model.generate(source, **{**settings,
+                                                                                      "encoder_outputs": None}))

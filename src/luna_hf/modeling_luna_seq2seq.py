@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import EncoderDecoderCache
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.modeling_utils import PreTrainedModel
@@ -80,11 +81,32 @@ class LunaSeq2SeqEncoderOutput(ModelOutput):
         The encoder's final P, the decoder's first P.
     packed_attention_mask (`torch.LongTensor` of shape `(batch_size, packed_length)`):
         1 for the slots of P a row uses, 0 for those beyond its source length (dynamic projection).
+    hidden_states, packed_hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
+        X and P after the embeddings and after each layer (`encoder_layers + 1` each; the last after the final
+        LayerNorm of a pre-LN model).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     packed_hidden_state: torch.FloatTensor | None = None
     packed_attention_mask: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    packed_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def requested(flag: str, kwargs: dict, config) -> bool:
+    """An `output_*` flag from the call, else from the config."""
+    return bool(kwargs.get(flag, getattr(config, flag, False)))
+
+
+def refuse_attention_maps(kwargs: dict, config) -> None:
+    """The translation model returns hidden states but no attention maps: asking for them is an error, not None."""
+    if requested("output_attentions", kwargs, config):
+        raise ValueError(
+            "LunaForConditionalGeneration does not return attention maps (output_attentions=True): its decoder's "
+            "causal attention never forms a token-by-token map. It returns output_hidden_states=True: "
+            "encoder_hidden_states (and the encoder's packed_hidden_states from model.get_encoder()) and "
+            "decoder_hidden_states. For the encoder's pack and unpack maps, load its layers in a LunaModel."
+        )
 
 
 def sinusoidal_embeddings(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -136,6 +158,17 @@ class LunaSeq2SeqPreTrainedModel(PreTrainedModel):
     def empty_cache(self) -> EncoderDecoderCache:
         """The decoder's causal running sums and its cross-attention's keys and values of the packed source."""
         return EncoderDecoderCache(LunaCache(self.config), LunaCache(self.config))
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """As BART: the source and the target embeddings and the output layer all take the new size, tied or not
+        (transformers resizes the input embeddings it gets from `get_input_embeddings`, the encoder's, only)."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        decoder = getattr(self, self.base_model_prefix, self).decoder
+        if decoder.embed_tokens is not embeddings:  # untied: the decoder has its own matrix
+            decoder.embed_tokens = self._get_resized_embeddings(
+                decoder.embed_tokens, embeddings.num_embeddings, mean_resizing=mean_resizing
+            )
+        return embeddings
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         save_with_code(
@@ -221,13 +254,23 @@ class LunaSeq2SeqEncoder(LunaSeq2SeqPreTrainedModel):
 
         key_mask = pack_attention_mask(self.config, packed_states, hidden_states, token_mask)
         unpack_mask = unpack_attention_mask(self.config, hidden_states, packed_states, slot_mask)
+        refuse_attention_maps(kwargs, self.config)
+        states = [(hidden_states, packed_states)]
         for layer in self.layers:
             hidden_states, packed_states = layer(hidden_states, packed_states, key_mask, unpack_mask, **kwargs)
+            states.append((hidden_states, packed_states))
         if self.config.normalize_before:
             hidden_states = self.layer_norm(hidden_states)
             packed_states = self.packed_layer_norm(packed_states)
+            states[-1] = (hidden_states, packed_states)
+        wanted = requested("output_hidden_states", kwargs, self.config)
+        all_states = tuple(zip(*states, strict=True)) if wanted else (None, None)
         return LunaSeq2SeqEncoderOutput(
-            last_hidden_state=hidden_states, packed_hidden_state=packed_states, packed_attention_mask=slot_mask
+            last_hidden_state=hidden_states,
+            packed_hidden_state=packed_states,
+            packed_attention_mask=slot_mask,
+            hidden_states=all_states[0],
+            packed_hidden_states=all_states[1],
         )
 
 
@@ -361,9 +404,11 @@ class LunaSeq2SeqDecoder(LunaSeq2SeqPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         cache: EncoderDecoderCache | None = None,
-    ) -> torch.Tensor:
-        """The decoder's final token states. `attention_mask` (batch, cached + target length): 1 for real target
-        tokens (right padding); `encoder_attention_mask` the source's."""
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The decoder's final token states, and with `output_hidden_states` its states after the embeddings and
+        after each layer. `attention_mask` (batch, cached + target length): 1 for real target tokens (right
+        padding); `encoder_attention_mask` the source's."""
         tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
         if (input_ids is None) == (inputs_embeds is None) or tokens.dim() != 2 or 0 in tokens.shape:
             raise ValueError(
@@ -380,13 +425,15 @@ class LunaSeq2SeqDecoder(LunaSeq2SeqPreTrainedModel):
         packed_states, encoder_hidden_states, masks = self.source_inputs(
             hidden_states, encoder_outputs, encoder_attention_mask, cache
         )
+        states = [hidden_states]
         for layer in self.layers:
             hidden_states, packed_states = layer(
                 hidden_states, packed_states, encoder_hidden_states, masks, token_mask, token_count, cache=cache
             )
+            states.append(hidden_states)
         if self.config.normalize_before:
-            hidden_states = self.layer_norm(hidden_states)
-        return hidden_states
+            hidden_states = states[-1] = self.layer_norm(hidden_states)
+        return hidden_states, tuple(states) if output_hidden_states else None
 
     def count_tokens(self, tokens, attention_mask, cache):
         """The target's token mask (1 = real token) and, per position, the real tokens up to it, cached ones
@@ -476,10 +523,12 @@ class LunaSeq2SeqModel(LunaSeq2SeqPreTrainedModel):
         """
         cache = take_cache_argument(cache, kwargs.pop("past_key_values", None))
         use_cache = use_cache if use_cache is not None else self.config.use_cache and not self.training
+        refuse_attention_maps(kwargs, self.config)
+        output_hidden_states = requested("output_hidden_states", kwargs, self.config)
         if encoder_outputs is None:
             encoder_outputs = self.encoder(input_ids, attention_mask, inputs_embeds, **kwargs)
         elif isinstance(encoder_outputs, (tuple, list)):  # return_dict=False outputs, or a BART-style caller's tuple
-            if len(encoder_outputs) != 3:
+            if len(encoder_outputs) not in (3, 5):
                 raise ValueError(
                     f"encoder_outputs is a tuple of {len(encoder_outputs)}: Luna's decoder needs the encoder's "
                     "(last_hidden_state, packed_hidden_state, packed_attention_mask), as model.get_encoder() returns "
@@ -489,18 +538,21 @@ class LunaSeq2SeqModel(LunaSeq2SeqPreTrainedModel):
         if use_cache and cache is None:
             cache = self.empty_cache()
         check_cache(cache, self.config.decoder_layers)
-        hidden_states = self.decoder(
+        hidden_states, decoder_hidden_states = self.decoder(
             decoder_input_ids,
             encoder_outputs,
             encoder_attention_mask=attention_mask,
             attention_mask=decoder_attention_mask,
             inputs_embeds=decoder_inputs_embeds,
             cache=cache,
+            output_hidden_states=output_hidden_states,
         )
         return Seq2SeqModelOutput(
             last_hidden_state=hidden_states,
             **{CACHE_OUTPUT_NAME: cache if use_cache else None},
+            decoder_hidden_states=decoder_hidden_states,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states if output_hidden_states else None,
         )
 
 
@@ -573,13 +625,26 @@ class LunaForConditionalGeneration(LunaCacheForGeneration, LunaSeq2SeqPreTrained
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            # Summed over the batch's target tokens and divided by the Trainer's count of them when it passes one,
+            # so that gradient accumulation gives the update of one large batch (the encoder heads do the same).
+            labels = labels.to(logits.device)
+            loss = fixed_cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), kwargs.get("num_items_in_batch"))
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             **{CACHE_OUTPUT_NAME: getattr(outputs, CACHE_OUTPUT_NAME)},
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
         )
+
+    def generate(self, *args, **kwargs):
+        # generate() expands a caller's encoder_outputs in place for beams and num_return_sequences (BART's too), so
+        # that passing the same object again would fail: it works on a copy, and the caller's is left as it was.
+        encoder_outputs = kwargs.get("encoder_outputs")
+        if isinstance(encoder_outputs, ModelOutput):
+            kwargs["encoder_outputs"] = type(encoder_outputs)(**encoder_outputs)
+        return super().generate(*args, **kwargs)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
