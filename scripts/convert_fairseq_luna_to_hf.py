@@ -534,7 +534,14 @@ def check_exact_mapping(model, converted: dict, leftover: list[str]) -> None:
 
 
 def is_translation(checkpoint) -> bool:
-    return fairseq_task(checkpoint) == "translation" or fairseq_arguments(checkpoint).get("arch") in LUNA_MT_ARCHS
+    """The task decides (a masked-LM checkpoint may carry an arch name that is also a translation arch's); without a
+    task the arch; without either, the tensors (a translation model has decoder layers)."""
+    task, arch = fairseq_task(checkpoint), fairseq_arguments(checkpoint).get("arch")
+    if task:
+        return task.startswith("translation")
+    if arch:
+        return arch in LUNA_MT_ARCHS
+    return any(name.startswith("decoder.layers.") for name in checkpoint.get("model", {}))
 
 
 def translation_config(checkpoint: dict) -> LunaSeq2SeqConfig:
@@ -774,8 +781,10 @@ def convert(args: Arguments) -> Path:
         model = LunaForConditionalGeneration(translation_config(checkpoint))
         converted = convert_translation_state_dict(checkpoint, model)
         # fairseq-generate's defaults (beam 5, up to 200 new tokens), not transformers' max_length=20
+        # As a total length (the start token + 200), so that a caller's max_length or max_new_tokens, and
+        # Seq2SeqTrainer's generation_max_length, override it: a stored max_new_tokens would override them.
         model.generation_config.num_beams = 5
-        model.generation_config.max_new_tokens = min(200, model.config.max_position_embeddings - 1)
+        model.generation_config.max_length = min(201, model.config.max_position_embeddings)
     else:
         head, head_name = choose_head(checkpoint, args.head, args.classification_head)
         model = HEAD_CLASSES[head](luna_config(checkpoint, head, head_name))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -390,8 +390,18 @@ def test_converter_turns_an_authors_translation_checkpoint_into_the_same_model(t
     assert (config.tie_key_value, config.hidden_dropout_prob, config.max_position_embeddings) == (
         arch == "luna_base_tied", 0.3, 40)  # fmt: skip
     assert (config.projected_length, config.hidden_act, config.position_embedding_type) == (4, "relu", "sinusoidal")
-    # fairseq-generate's beam and length, capped by the positions, not transformers' max_length=20
-    assert (model.generation_config.num_beams, model.generation_config.max_new_tokens) == (5, 39)
+    # fairseq-generate's beam and length, capped by the positions, not transformers' max_length=20; stored as a
+    # total length, so that what a caller asks for wins: max_length, max_new_tokens, or Seq2SeqTrainer's limit
+    generation = model.generation_config
+    assert (generation.num_beams, generation.max_length, generation.max_new_tokens) == (5, 40, None)
+    source = left_padded_source()[0]
+    assert model.generate(source, max_length=4, num_beams=1).shape[1] <= 4
+    assert model.generate(source, max_new_tokens=2, min_new_tokens=2, num_beams=1).shape[1] == 3
+    trainer_args = Seq2SeqTrainingArguments(tmp_path / "eval", predict_with_generate=True, generation_max_length=5,
+                                            generation_num_beams=1, report_to=[], use_cpu=True)  # fmt: skip
+    rows = [dict(input_ids=row, labels=row[:3]) for row in source]
+    predictions = Seq2SeqTrainer(model=model, args=trainer_args).predict(rows).predictions
+    assert (predictions[:, 5:] == PAD).all()  # generated up to 5 (the Trainer pads to the stored length)
     source, source_mask = left_padded_source()
     with torch.no_grad():
         logits = model(input_ids=source, attention_mask=source_mask, decoder_input_ids=target()).logits
@@ -473,8 +483,6 @@ def test_hidden_states_are_returned_per_layer_and_attention_maps_refused_with_wh
 def test_gradient_accumulation_gives_the_update_of_one_large_batch(tmp_path):
     """With the Trainer's num_items_in_batch the loss of 4 accumulated micro-batches sums to the one-batch loss,
     whatever the padding of each (the per-batch mean would weigh a short micro-batch's tokens more)."""
-    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
-
     generator = torch.Generator().manual_seed(0)
     rows = []
     for length in (2, 6, 3, 8):  # targets of different lengths: -100 padding where shorter
@@ -506,3 +514,18 @@ def test_generate_leaves_the_callers_encoder_outputs_as_they_were():
     assert {name: tuple(value.shape) for name, value in encoder_outputs.items()} == shapes
     assert torch.equal(first, second) and torch.equal(first, model.generate(source, **{**settings,
                                                                                       "encoder_outputs": None}))
+
+
+def test_the_fairseq_task_decides_whether_a_checkpoint_is_a_translation_model():
+    """A masked-LM checkpoint whose arch name is also a translation arch's is converted as what its task says."""
+    is_translation = convert_script().is_translation
+
+    def checkpoint(names=("encoder.layers.0.x",), **args):
+        return {"model": dict.fromkeys(names), "args": argparse.Namespace(**args)}
+
+    assert not is_translation(checkpoint(task="masked_lm", arch="luna_base_tied"))
+    assert is_translation(checkpoint(task="translation", arch="luna_base_tied"))
+    assert is_translation(checkpoint(arch="luna_base_tied"))
+    assert not is_translation(checkpoint(arch="luna_base_tied_512"))
+    assert is_translation(checkpoint(names=("encoder.layers.0.x", "decoder.layers.0.x")))
+    assert not is_translation(checkpoint())
