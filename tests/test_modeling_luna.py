@@ -597,3 +597,18 @@ def test_a_folder_saved_before_the_lm_bias_and_pooler_moved_is_refused_with_the_
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids, attention_mask=attention_mask).logits,
                            model(input_ids, attention_mask=attention_mask).logits)  # fmt: skip
+
+
+def test_padded_ids_without_an_attention_mask_get_transformers_warning(monkeypatch):
+    """As RoBERTa: transformers' own check (pad id at either end) runs when no mask is given, and only then."""
+    import transformers
+
+    model = LunaModel(tiny_config()).eval()
+    input_ids, attention_mask = padded_batch([5, 3])
+    warnings = []
+    monkeypatch.setattr(transformers.modeling_utils.logger, "warning_once", warnings.append)
+    with torch.no_grad():
+        model(input_ids, attention_mask=attention_mask)
+        assert warnings == []
+        model(input_ids)
+    assert len(warnings) == 1 and "attention_mask" in warnings[0]

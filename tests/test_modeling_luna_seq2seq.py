@@ -529,3 +529,13 @@ def test_the_fairseq_task_decides_whether_a_checkpoint_is_a_translation_model():
     assert not is_translation(checkpoint(arch="luna_base_tied_512"))
     assert is_translation(checkpoint(names=("encoder.layers.0.x", "decoder.layers.0.x")))
     assert not is_translation(checkpoint())
+
+
+def test_a_filled_cache_is_not_expanded_to_another_batch():
+    model = tiny_model(seed=3)
+    source, source_mask = left_padded_source()
+    with torch.no_grad():
+        out = model(input_ids=source, attention_mask=source_mask, decoder_input_ids=target(length=1), use_cache=True)
+        with pytest.raises(ValueError, match="holds the states of 2 targets, the input has 4.*cannot be expanded"):
+            model(input_ids=source.repeat(2, 1), decoder_input_ids=target(batch=4, length=1), use_cache=True,
+                  **{CACHE: getattr(out, CACHE)})  # fmt: skip

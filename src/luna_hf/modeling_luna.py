@@ -544,6 +544,8 @@ class LunaModel(LunaPreTrainedModel):
             )
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         if attention_mask is None:
+            if input_ids is not None:  # padding read as tokens: transformers' warning, as RoBERTa gives it
+                self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
             return torch.ones(shape, dtype=torch.long, device=device)
         if attention_mask.shape != shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(shape)}.")

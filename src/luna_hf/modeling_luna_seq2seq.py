@@ -444,6 +444,12 @@ class LunaSeq2SeqDecoder(LunaSeq2SeqPreTrainedModel):
         past_count = token_mask.new_zeros(tokens.shape[0])
         if cache is not None and cache.self_attention_cache.has_previous_state(0):
             past_count = cache.self_attention_cache.read(0)[TOKEN_COUNT]
+            if past_count.shape[0] != tokens.shape[0]:
+                raise ValueError(
+                    f"The cache holds the states of {past_count.shape[0]} targets, the input has {tokens.shape[0]}: a "
+                    "filled cache cannot be expanded (beam search or num_return_sequences > 1 from it). Start from "
+                    "no cache, or fill it with the inputs repeated to the batch you will decode."
+                )
         token_count = past_count[:, None] + token_mask.cumsum(dim=1)
         positions_read = tokens.shape[1] + (cache.get_seq_length() if cache is not None else 0)
         limit = self.config.max_position_embeddings  # checked on the host only when it might be exceeded (no sync)
