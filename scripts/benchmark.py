@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from measurement import SIZES
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
@@ -58,11 +59,6 @@ from transformers import (
 from luna_hf import LunaConfig, LunaForMaskedLM, LunaForSequenceClassification
 from luna_hf.transformers_compat import enable_activation_checkpointing
 
-SIZES = {  # layers, width, heads, FFN
-    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256),
-    "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
-    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-}
 # name -> (family, settings). Attention dropout is 0.1 unless the name says otherwise; hidden dropout is 0.1 for all.
 MODELS = {
     **{f"luna-{length}{suffix}": ("luna", dict(projected_length=length, attn_implementation=attn))

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 import transformers
+from measurement import cache_mib
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser
 
 from luna_hf import LunaConfig, LunaForCausalLM
@@ -83,15 +84,6 @@ def build_model(args: GenerationBenchmarkArguments, name: str, max_length: int):
         attn_implementation="sdpa",
     )  # fmt: skip
     return GPT2LMHeadModel(config)
-
-
-def cache_mib(cache) -> float:
-    """Memory held by a cache: key/value tensors (GPT-2's layers) and running sums (Luna's `LunaCacheLayer`s)."""
-    tensors = []
-    for layer in cache.layers:
-        tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
-        tensors += list(getattr(layer, "states", None) or [])
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)) / 2**20
 
 
 def measure_decoding(args: GenerationBenchmarkArguments, name: str) -> list[dict]:

@@ -9,20 +9,17 @@ times after one warm-up each, and the medians are compared. Batch size 1, fp32, 
 """
 
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from measurement import SIZES
 from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import SIZES  # noqa: E402
-from export_onnx import export  # noqa: E402
-
-from luna_hf import LunaConfig, LunaForSequenceClassification  # noqa: E402
+from luna_hf import LunaConfig, LunaForSequenceClassification
+from luna_hf.onnx_export import export_to_onnx
 
 
 @dataclass
@@ -53,7 +50,7 @@ def main(argv: list[str] | None = None) -> str:
         length = min(64, config.max_sequence_length)
         example = {"input_ids": torch.randint(3, 1000, (2, length)),
                    "attention_mask": torch.ones(2, length, dtype=torch.long)}
-        export(model, example, ["logits"], Path(folder) / "model.onnx", opset=None)
+        export_to_onnx(model, example, ["logits"], Path(folder) / "model.onnx")
         session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"), options,
                                                providers=["CPUExecutionProvider"])
         for length in args.lengths:

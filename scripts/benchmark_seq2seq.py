@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import transformers
-from benchmark_generation import cache_mib
+from measurement import cache_mib
 from transformers import HfArgumentParser, MarianConfig, MarianMTModel
 
 from luna_hf import LunaForConditionalGeneration, LunaSeq2SeqConfig

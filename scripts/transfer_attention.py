@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Attention transfer: train the new attention of a converted Luna model to imitate the original's attention.
+"""Attention transfer: train the new attention of a converted Luna model to imitate the original's attention. The
+command line of `luna_hf.transfer_attention`, which holds the method (and describes it in full).
 
     python scripts/transfer_attention.py --model_name_or_path minilm-luna --teacher_name_or_path all-MiniLM-L6-v2 \
         --train_file glue/SST-2/train.tsv --text_column sentence --max_samples 500 \
@@ -7,7 +8,7 @@
         --max_steps 100 --per_device_train_batch_size 16 --learning_rate 1e-3
 
 `--model_name_or_path` is a folder written by `scripts/convert_to_luna.py` from `--teacher_name_or_path`. Only the
-new attention is trained (`convert_to_luna.TRANSFERRED_PARAMETERS`: the feature maps of the learned-kernel
+new attention is trained (`luna_hf.conversion.TRANSFERRED_PARAMETERS`: the feature maps of the learned-kernel
 attention; P, the pack attention and the unpack attention of the nested one, whose query and output projections
 start as BERT's); the teacher and everything else the conversion copied stay frozen. Each student layer is fed the
 teacher's input of that layer, and the loss is the mean over layers of the mean squared error between the two
@@ -21,37 +22,19 @@ both models. The Trainer gives the progress bar, the seed and the checkpoints in
 """
 
 import logging
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import datasets
-import torch
-from convert_to_luna import is_transferred_parameter
-from torch import nn
-from transformers import (
-    AutoModel,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import AutoModel, AutoTokenizer, HfArgumentParser, TrainingArguments
 
 import luna_hf
+from luna_hf.conversion import AUTO_CLASS_NAMES, save_folder
 from luna_hf.model_card import write_model_card
 
 logger = logging.getLogger(__name__)
-LOAD_CLASSES = {
-    "LunaForMaskedLM": "AutoModelForMaskedLM",
-    "LunaForSequenceClassification": "AutoModelForSequenceClassification",
-    "LunaForMultipleChoice": "AutoModelForMultipleChoice",
-    "LunaForTokenClassification": "AutoModelForTokenClassification",
-    "LunaForQuestionAnswering": "AutoModelForQuestionAnswering",
-}
 
 
 @dataclass
@@ -77,86 +60,6 @@ class TransferArguments:
     )
 
 
-class AttentionTransfer(nn.Module):
-    """The frozen teacher and the student's encoder; `forward` returns the mean per-layer loss (`loss`) and the loss
-    of each layer (`layer_losses`)."""
-
-    def __init__(self, student: luna_hf.LunaModel, teacher: nn.Module, transfer_loss: str = "output_mse"):
-        super().__init__()
-        if transfer_loss == "attention_kl" and student.config.attention_type != "learned_kernel":
-            raise ValueError(
-                "--transfer_loss attention_kl needs the learned-kernel attention: nested Luna's tokens "
-                "attend to P, not to each other, so there are no weights to compare with the teacher's."
-            )
-        self.student, self.transfer_loss = student, transfer_loss
-        # Not a submodule: the Trainer's checkpoints then hold the student alone, and its optimizer never sees it.
-        self.frozen_teacher = (teacher.eval().requires_grad_(False),)
-        self.teacher_inputs = None  # the teacher's layer inputs, set per batch
-        student_layers, teacher_layers = student.layers, teacher.encoder.layer
-        if len(student_layers) != len(teacher_layers):
-            raise ValueError(f"The student has {len(student_layers)} layers, the teacher {len(teacher_layers)}.")
-        self.teacher_outputs, self.student_outputs = [None] * len(teacher_layers), [None] * len(teacher_layers)
-        for index, (student_layer, teacher_layer) in enumerate(zip(student_layers, teacher_layers, strict=True)):
-            # BERT's attention output is its output projection's (`attention.output.dense`), before dropout and the
-            # residual; Luna's is the learned-kernel attention's or the unpack attention's first output.
-            teacher_layer.attention.output.dense.register_forward_hook(self.recorder(self.teacher_outputs, index))
-            student_layer.register_forward_pre_hook(self.teacher_input_feeder(index), with_kwargs=True)
-            if student.config.attention_type == "learned_kernel":
-                student_attention = student_layer.attention
-            else:
-                student_attention = student_layer.unpack_attention
-            student_attention.register_forward_hook(self.recorder(self.student_outputs, index, returns_tuple=True))
-
-    @staticmethod
-    def recorder(outputs: list, index: int, returns_tuple: bool = False):
-        def hook(module, args, output):
-            outputs[index] = output[0] if returns_tuple else output
-
-        return hook
-
-    def teacher_input_feeder(self, index: int):
-        """Replace the student layer's token states by the teacher's input of the same layer."""
-
-        def hook(module, args, kwargs):
-            return (self.teacher_inputs[index], *args[1:]), kwargs
-
-        return hook
-
-    def train(self, mode: bool = True):
-        """Dropout stays off: the student imitates the teacher's deterministic attention."""
-        return super().train(False)
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        teacher = self.frozen_teacher[0].to(input_ids.device)
-        weights = self.transfer_loss == "attention_kl"
-        with torch.no_grad():
-            teacher_kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            teacher_outputs = teacher(
-                input_ids, attention_mask, output_hidden_states=True, output_attentions=weights, **teacher_kwargs
-            )
-        self.teacher_inputs = teacher_outputs.hidden_states
-        student_kwargs = {"token_type_ids": token_type_ids} if self.student.config.type_vocab_size > 0 else {}
-        student_outputs = self.student(input_ids, attention_mask, output_attentions=weights, **student_kwargs)
-        real = attention_mask.bool()
-        if weights:
-            pairs = zip(student_outputs.attentions, teacher_outputs.attentions, strict=True)
-            layer_losses = torch.stack([attention_kl(student, teacher, real) for student, teacher in pairs])
-        else:
-            pairs = zip(self.student_outputs, self.teacher_outputs, strict=True)
-            layer_losses = torch.stack([nn.functional.mse_loss(s[real], t[real]) for s, t in pairs])
-        return {"loss": layer_losses.mean(), "layer_losses": layer_losses}
-
-
-def attention_kl(student: torch.Tensor, teacher: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the attention weights (batch, heads, n, n), summed over the keys, averaged over the
-    heads and the real queries: Hedgehog's soft-label cross-entropy less the teacher's entropy, so 0 when they agree.
-    Padded keys carry no weight in either (a zero target adds nothing to `kl_div`)."""
-    log_student = student.float().clamp(min=1e-12).log()
-    divergence = nn.functional.kl_div(log_student, teacher.float(), reduction="none")
-    per_query = divergence.sum(dim=-1).mean(dim=1)  # (batch, n)
-    return per_query[real].mean()
-
-
 def read_texts(args: TransferArguments) -> list[str]:
     if (args.train_file is None) == (args.dataset_name is None):
         raise ValueError("Pass exactly one of --train_file and --dataset_name.")
@@ -165,7 +68,7 @@ def read_texts(args: TransferArguments) -> list[str]:
         texts = list(split[args.text_column])
     elif args.train_file.endswith(".tsv"):
         lines = Path(args.train_file).read_text(encoding="utf-8").splitlines()
-        header = lines[0].split("\t")
+        header = lines[0].split("\t") if lines else []
         if args.text_column not in header:
             raise ValueError(f"{args.train_file} has no column {args.text_column!r}; its columns: {header}.")
         column = header.index(args.text_column)
@@ -175,22 +78,11 @@ def read_texts(args: TransferArguments) -> list[str]:
     return texts[: args.max_samples] if args.max_samples else texts
 
 
-def freeze_all_but_new_attention(model: luna_hf.LunaPreTrainedModel) -> list[str]:
-    """Train the parameters that the conversion added (nested Luna: and the unpack attention's query and output
-    projections), nothing else; returns their names."""
-    trained = []
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(is_transferred_parameter(name, model.config.attention_type))
-        if parameter.requires_grad:
-            trained.append(name)
-    return trained
-
-
 def write_card(folder: Path, model, args: TransferArguments, steps: int, texts: int, loss: float | None) -> None:
     name, teacher = Path(args.transferred_model_dir).name, args.teacher_name_or_path
     write_model_card(
         folder, config=model.config, script="scripts/transfer_attention.py", model_id=name,
-        load_class=LOAD_CLASSES.get(type(model).__name__, "AutoModel"),
+        load_class=AUTO_CLASS_NAMES.get(type(model).__name__, "AutoModel"),
         title=f"{name}: attention transferred from {Path(teacher).name}",
         summary=f"`{args.model_name_or_path}` (converted by scripts/convert_to_luna.py) after {steps} steps of "
                 f"attention transfer from `{teacher}`: only the new attention was trained (what the conversion "
@@ -203,20 +95,6 @@ def write_card(folder: Path, model, args: TransferArguments, steps: int, texts: 
     )  # fmt: skip
 
 
-def save_atomically(model, tokenizer, destination: Path, write_readme=None) -> None:
-    """Write the folder next to `destination` and rename it when complete; `write_readme(folder)` adds the card."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if write_readme is not None:
-            write_readme(staging)
-        staging.rename(destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
     args, training_args = HfArgumentParser((TransferArguments, TrainingArguments)).parse_args_into_dataclasses(argv)
@@ -224,37 +102,23 @@ def main(argv=None):
     if destination.exists():
         sys.exit(f"error: --transferred_model_dir {destination} exists.")
 
-    # Phase 1: the models. The student keeps its head (it is saved whole); only its encoder runs here.
+    # Phase 1: the models (the student is saved whole, head included) and the text.
     student_class = getattr(luna_hf, luna_hf.LunaConfig.from_pretrained(args.model_name_or_path).architectures[0])
     student = student_class.from_pretrained(args.model_name_or_path)
     teacher = AutoModel.from_pretrained(args.teacher_name_or_path, attn_implementation="eager")
-    trained = freeze_all_but_new_attention(student)
-    logger.info("Training %d tensors (%d parameters) of %s", len(trained),
-                sum(p.numel() for p in student.parameters() if p.requires_grad), args.model_name_or_path)  # fmt: skip
-    transfer = AttentionTransfer(student.base_model, teacher, args.transfer_loss)
-
-    # Phase 2: the text.
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    texts = read_texts(args)
-    encoded = tokenizer(texts, truncation=True, max_length=args.max_length)
-    train_dataset = datasets.Dataset.from_dict(dict(encoded))
-    logger.info("%d texts from %s", len(texts), args.train_file or args.dataset_name)
+    try:
+        texts = read_texts(args)
+        logger.info("%d texts from %s", len(texts), args.train_file or args.dataset_name)
 
-    # Phase 3: train (resumable from the Trainer's checkpoints) and write the model.
-    training_args.remove_unused_columns = False
-    trainer = Trainer(
-        model=transfer,
-        args=training_args,
-        train_dataset=train_dataset,
-        data_collator=DataCollatorWithPadding(tokenizer),
-    )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_atomically(
-        student,
-        tokenizer,
-        destination,
-        lambda folder: write_card(folder, student, args, result.global_step, len(texts), result.training_loss),
-    )
+        # Phase 2: train the new attention (the Trainer's checkpoints in --output_dir, resumable), then save.
+        result = luna_hf.transfer_attention(student, teacher, texts, tokenizer, transfer_loss=args.transfer_loss,
+                                            max_length=args.max_length, training_args=training_args)  # fmt: skip
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    logger.info("Trained %d tensors of %s", len(result.trained_parameters), args.model_name_or_path)
+    save_folder(student, tokenizer, destination, write_readme=lambda folder: write_card(
+        folder, student, args, result.steps, len(texts), result.training_loss))  # fmt: skip
     print(f"Transferred attention of {args.model_name_or_path} -> {destination}")
 
 

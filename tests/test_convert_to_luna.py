@@ -1,4 +1,5 @@
-"""scripts/convert_to_luna.py and scripts/transfer_attention.py on tiny random BERT and RoBERTa models built here."""
+"""The conversion API (`luna_hf.convert_to_luna`, `luna_hf.transfer_attention`) and its command lines
+(scripts/convert_to_luna.py, scripts/transfer_attention.py) on tiny random BERT and RoBERTa models built here."""
 
 import importlib.util
 import json
@@ -32,11 +33,21 @@ from transformers import (
 )
 
 import luna_hf
+from luna_hf.attention_transfer import AttentionTransfer
+from luna_hf.conversion import ConversionError, is_new_attention_parameter, is_transferred_parameter, save_folder
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))  # transfer_attention imports convert_to_luna
-convert_script = importlib.import_module("convert_to_luna")
-transfer_script = importlib.import_module("transfer_attention")
+
+
+def load_script(name: str):
+    sys.path.insert(0, str(SCRIPTS))  # scripts import their shared modules (text_sources.py) as when run from there
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_script, transfer_script = load_script("convert_to_luna"), load_script("transfer_attention")
 
 WORDS = ["the", "film", "is", "good", "bad", "a", "very", "movie", "not", "great", "dull", "fun"]
 LABELS = {
@@ -273,7 +284,7 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(t
 
     def per_layer_loss(model_dir):
         student = luna_hf.LunaForSequenceClassification.from_pretrained(model_dir)
-        transfer = transfer_script.AttentionTransfer(student.base_model, BertModel.from_pretrained(tmp_path / "source"))
+        transfer = AttentionTransfer(student.base_model, BertModel.from_pretrained(tmp_path / "source"))
         inputs = BertTokenizer.from_pretrained(model_dir)(lines[:16], return_tensors="pt", padding=True)
         with torch.no_grad():
             return transfer(**inputs)["layer_losses"], student.state_dict()
@@ -294,11 +305,11 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(t
     after, transferred_state = per_layer_loss(tmp_path / "transferred")
     assert (after < before).all(), (before, after)
     changed = {name for name, tensor in converted_state.items() if not torch.equal(transferred_state[name], tensor)}
-    trained = {name for name in converted_state if convert_script.is_transferred_parameter(name, attention)}
+    trained = {name for name in converted_state if is_transferred_parameter(name, attention)}
     assert changed and changed <= trained, changed - trained
     # Nested Luna's unpack attention takes BERT's query and output projections: copied, not new, but trained with
     # the rest of the new attention.
-    new = {name for name in converted_state if convert_script.is_new_attention_parameter(name, attention)}
+    new = {name for name in converted_state if is_new_attention_parameter(name, attention)}
     copied = {name for name in converted_state if re.search(r"\.unpack_attention\.[qo]_proj\.", name)}
     assert len(copied) == (8 if attention == "nested" else 0) and not copied & new, copied & new
     assert copied <= changed and trained == new | copied
@@ -329,7 +340,7 @@ def test_attention_kl_transfer_is_the_divergence_of_the_weights_and_lowers_it(tm
     def losses(model_dir):
         student = luna_hf.LunaForSequenceClassification.from_pretrained(model_dir)
         with torch.no_grad():
-            return student, transfer_script.AttentionTransfer(student.base_model, teacher, "attention_kl")(**inputs)
+            return student, AttentionTransfer(student.base_model, teacher, "attention_kl")(**inputs)
 
     student, result = losses(folder)
     # Independently: each student layer's weights from the teacher's input of that layer, written out here.
@@ -362,7 +373,7 @@ def test_attention_kl_transfer_is_the_divergence_of_the_weights_and_lowers_it(tm
 
     nested = convert(tmp_path / "source", tmp_path / "nested", attention="nested", projected_length=4)
     with pytest.raises(ValueError, match="attention_kl needs the learned-kernel attention"):
-        transfer_script.AttentionTransfer(
+        AttentionTransfer(
             luna_hf.LunaModel.from_pretrained(nested), teacher, transfer_loss="attention_kl"
         )
 
@@ -371,25 +382,25 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path):
     DistilBertModel(DistilBertConfig(vocab_size=20, dim=32, n_layers=1, n_heads=4, hidden_dim=64)).save_pretrained(
         tmp_path / "distilbert"
     )
-    with pytest.raises(convert_script.ConversionError, match="supports BertModel, BertForMaskedLM.*RobertaModel"):
+    with pytest.raises(ConversionError, match="supports BertModel, BertForMaskedLM.*RobertaModel"):
         convert(tmp_path / "distilbert", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
     bert_config(architectures=["BertModel"]).save_pretrained(tmp_path / "no-weights")
-    with pytest.raises(convert_script.ConversionError, match="has no weights"):
+    with pytest.raises(ConversionError, match="has no weights"):
         convert(tmp_path / "no-weights", tmp_path / "out")
 
     save_source(BertModel, bert_config(), tmp_path / "source")
-    with pytest.raises(convert_script.ConversionError, match="below the original's 32"):
+    with pytest.raises(ConversionError, match="below the original's 32"):
         convert(tmp_path / "source", tmp_path / "out", max_position_embeddings=16)
     assert not (tmp_path / "out").exists()
 
     (tmp_path / "existing").mkdir()
-    with pytest.raises(convert_script.ConversionError, match="exists"):
+    with pytest.raises(ConversionError, match="exists"):
         convert(tmp_path / "source", tmp_path / "existing")
 
     save_source(BertModel, bert_config(vocab_size=10), tmp_path / "small-vocab")  # 17 tokens in the tokenizer
-    with pytest.raises(convert_script.ConversionError, match="tokenizer .* does not match the model"):
+    with pytest.raises(ConversionError, match="tokenizer .* does not match the model"):
         convert(tmp_path / "small-vocab", tmp_path / "out")
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "distilbert", "existing", "no-weights", "small-vocab", "source",
@@ -431,7 +442,7 @@ def test_interrupted_transfer_leaves_no_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tokenizer, "save_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        transfer_script.save_atomically(model, tokenizer, tmp_path / "transferred")
+        save_folder(model, tokenizer, tmp_path / "transferred")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["luna", "source"]
 
 
@@ -445,7 +456,7 @@ def test_bfloat16_source_converts_to_float32(tmp_path):
 
 def test_embedding_similarity_matches_mean_pooled_cosine(tmp_path):
     """scripts/embedding_similarity.py against the cosine of mean-pooled final states computed here."""
-    similarity_script = importlib.import_module("embedding_similarity")
+    similarity_script = load_script("embedding_similarity")
     save_source(BertModel, bert_config(), tmp_path / "source")
     folder = convert(tmp_path / "source", tmp_path / "luna")
     sentences = ["the film is good", "a very dull movie", "not great", "fun fun fun the movie is very good"]
@@ -482,7 +493,7 @@ def test_long_documents_reads_chunks_and_extended_positions(tmp_path):
     """scripts/long_documents.py: the chunked embedding equals the mean of each chunk's mean-pooled states computed
     one chunk at a time here (no padding), the converted model reads past the original's positions, and the table
     has one row per reading."""
-    long_script = importlib.import_module("long_documents")
+    long_script = load_script("long_documents")
     save_source(BertModel, bert_config(), tmp_path / "source")
     folder = convert(tmp_path / "source", tmp_path / "luna", max_position_embeddings=80)
     generator = torch.Generator().manual_seed(0)
@@ -519,3 +530,46 @@ def test_long_documents_reads_chunks_and_extended_positions(tmp_path):
     with pytest.raises(SystemExit, match="fewer than --folds 6"):
         long_script.main(["--original", str(tmp_path / "source"), "--documents_file", str(tmp_path / "docs.jsonl"),
                           "--folds", "6"])  # fmt: skip
+
+
+def test_the_api_converts_and_transfers_models_in_memory_with_no_script():
+    """A notebook's use: convert a model object, transfer its attention on a list of texts, get per-layer losses."""
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(bert_config()).eval()
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tokenizer = BertTokenizer(vocab=vocab)
+    student = luna_hf.convert_to_luna(teacher, attention="learned_kernel", tokenizer=tokenizer,
+                                      max_position_embeddings=64)  # fmt: skip
+    assert type(student) is luna_hf.LunaForSequenceClassification and tokenizer.model_max_length == 64
+    assert torch.equal(student.classifier.out_proj.weight, teacher.classifier.weight)
+    generator = torch.Generator().manual_seed(1)
+    texts = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (8,), generator=generator)) for _ in range(48)]
+    result = luna_hf.transfer_attention(student, teacher, texts, tokenizer, max_steps=12, batch_size=8,
+                                        learning_rate=1e-2)  # fmt: skip
+    assert result.steps == 12 and len(result.layer_losses) == 12 and len(result.layer_losses[0]) == 2
+    assert sum(result.layer_losses[-1]) < sum(result.layer_losses[0])
+    assert all("feature_map" in name for name in result.trained_parameters) and not student.training
+
+    with pytest.raises(ValueError, match="texts are empty"):
+        luna_hf.transfer_attention(student, teacher, ["", "  "], tokenizer)
+    with pytest.raises(ValueError, match="3 texts are fewer than one batch of 16"):
+        luna_hf.transfer_attention(student, teacher, texts[:3], tokenizer)
+
+
+def test_the_api_refuses_what_it_cannot_convert_before_building_anything():
+    from transformers import AlbertConfig, AlbertModel, GPT2Config, GPT2LMHeadModel
+
+    albert = AlbertModel(AlbertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, embedding_size=16))  # fmt: skip
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_embd=32, n_layer=1, n_head=4))
+    relative = BertModel(bert_config(position_embedding_type="relative_key"))
+    for model, message in [(albert, "AlbertModel.*supports BertModel.*not ALBERT's shared layers"),
+                           (gpt2, "GPT2LMHeadModel.*not decoder-only models"),
+                           (relative, "relative positions.*only 'absolute'")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            luna_hf.convert_to_luna(model)
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    with pytest.raises(ValueError, match=r"tokenizer \(17 tokens.*vocab_size 10"):
+        luna_hf.convert_to_luna(BertModel(bert_config(vocab_size=10)), tokenizer=BertTokenizer(vocab=vocab))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        luna_hf.convert_to_luna(BertModel(bert_config()), attention="softmax")

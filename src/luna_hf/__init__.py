@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from .configuration_luna import LunaConfig
+from .conversion import ConversionError, convert_to_luna
 from .configuration_luna_seq2seq import LunaSeq2SeqConfig
 from .modeling_luna import (
     LunaForMaskedLM,
@@ -64,8 +65,23 @@ for _auto_class, _model_class in {
     _auto_class.register(LunaSeq2SeqConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_auto_class.__name__)
 
+
+def __getattr__(name):
+    # The attention transfer needs `datasets` (for its Trainer data): imported when asked for, so that `import luna_hf`
+    # works without it (the GPU image, remote-code users).
+    if name in ("transfer_attention", "AttentionTransferResult"):
+        from . import attention_transfer
+
+        return getattr(attention_transfer, name)
+    raise AttributeError(f"module 'luna_hf' has no attribute {name!r}")
+
+
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
+    "AttentionTransferResult",
+    "ConversionError",
+    "convert_to_luna",
+    "transfer_attention",
     "LunaCache",
     "LunaConfig",
     "LunaDecoderModel",
