@@ -1,29 +1,14 @@
 #!/usr/bin/env python
 """Convert a pretrained BERT or RoBERTa checkpoint (a transformers folder) into a Luna model folder: the command line
-of `luna_hf.convert_to_luna`, which holds the conversion (and describes it in full).
+of `luna_hf.convert_to_luna`, whose docstring (src/luna_hf/conversion.py) says what is copied and what is new.
 
     python scripts/convert_to_luna.py --model_name_or_path all-MiniLM-L6-v2 --output_dir minilm-luna \
         --attention learned_kernel
 
-Every layer keeps the original's embeddings (token types and position numbering included), LayerNorms, feed-forward
-block, attention projections and head; only what the new attention adds is new:
-
-- `--attention learned_kernel` (Shahbazi et al., 2025): the layer is BERT's layer with its softmax replaced by the
-  learned-kernel linear attention; the query, key, value and output projections are BERT's, the feature maps phi are
-  new (default initialisation).
-- `--attention nested` (Luna, Ma et al., 2021): the unpack attention (tokens over the packed P) takes BERT's query
-  and output projections; its values are the packed context itself (identity value projection: the context is a mix
-  of BERT's values) and its keys are BERT's keys of the token whose value that would be (W_k W_v^+, so that a slot
-  holding the value of token x gets the key of x). The pack attention (P over the tokens) takes BERT's query, key and
-  value projections; P starts as an average token at positions 0..l-1 (the mean word embedding plus those position
-  embeddings), so that each slot first attends as a typical token at its position would. P's LayerNorms copy the
-  embeddings' and the attention's.
-
-Then `scripts/transfer_attention.py` (`luna_hf.transfer_attention`) trains the new attention parameters to imitate
-the original's attention.
-`--max_position_embeddings` extends the positions for longer inputs by copying the learned ones (Longformer's
-recipe). Nothing is written to `--output_dir` unless the whole conversion succeeded and the saved folder reloads to
-the converted tensors. See docs/conversion.md.
+Then `scripts/transfer_attention.py` (`luna_hf.transfer_attention`) trains the new attention to imitate the
+original's. `--max_position_embeddings` extends the positions for longer inputs by copying the learned ones
+(Longformer's recipe). Nothing is written to `--output_dir` unless the whole conversion succeeded and the saved folder
+reloads to the converted tensors. See docs/conversion.md.
 """
 
 import logging
