@@ -289,6 +289,8 @@ def encode_labels(raw, task):
     values = {str(v) for split in labelled for v in raw[split]["label"]}
     values = sorted(values, key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
     names = list(known) if known else values
+    if not known and values == [str(index) for index in range(len(values))]:  # ids, no names: transformers' defaults
+        names = [f"LABEL_{index}" for index in range(len(values))]
     mapping = {}
     for value in values:
         if value in names:

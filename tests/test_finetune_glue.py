@@ -12,7 +12,15 @@ import pandas as pd
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import AutoTokenizer, BertConfig, EvalPrediction, RobertaConfig, RobertaForMaskedLM, pipeline
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    BertConfig,
+    EvalPrediction,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    pipeline,
+)
 
 from luna_hf import LunaForMaskedLM
 
@@ -301,3 +309,19 @@ def test_cli_reads_a_glue_folder_named_by_glue_dir(work, tmp_path):
     assert "SST-2/train.tsv (48 rows" in result.stdout + result.stderr
     assert "pipeline: " in result.stdout + result.stderr  # a few predictions with their gold labels
     assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_samples"] == 16
+
+
+def test_labels_given_as_ids_without_names_answer_as_label_k_and_the_card_says_so(work, tmp_path):
+    """A local task whose labels are bare ids: the pipeline answers with transformers' LABEL_k, not with "0" / "1"
+    (which read as names), and the card says that the data named no labels."""
+    root, _ = work
+    rows = [{"sentence": text, "label": index % 2} for index, text in enumerate(hub_fixture.POSITIVE * 2)]
+    data = tmp_path / "ids.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run(work, "--model_name_or_path", root / "luna-mlm", "--train_file", data, "--validation_file", data,
+        "--do_train", "--output_dir", tmp_path / "ids", "--max_steps", "1")
+    assert AutoConfig.from_pretrained(tmp_path / "ids").id2label == {0: "LABEL_0", 1: "LABEL_1"}
+    card = ModelCard.load(tmp_path / "ids" / "README.md").text
+    assert "`0` = `LABEL_0`, `1` = `LABEL_1`. The training data gave the labels as ids without names" in card
+    answers = pipeline("text-classification", model=str(tmp_path / "ids"))(["a good film", "a bad film"])
+    assert {answer["label"] for answer in answers} <= {"LABEL_0", "LABEL_1"}

@@ -33,12 +33,14 @@ MASKED = "the movie was <mask>"
 pytestmark = pytest.mark.skipif(not hub_fixture.olah_installed(), reason="needs olah (pip install olah)")
 
 
-def publish(env, work, classifier=CLASSIFIER, mlm=MLM, mirrors=None):
+def publish(env, work, classifier=CLASSIFIER, mlm=MLM, mirrors=None, task="sst2", files=("train.tsv", "dev.tsv"),
+            output="out"):  # fmt: skip
     """Pushes a tiny MLM (model.push_to_hub) and a finetuned classifier (finetune_glue.py --push_to_hub)."""
     redirect = f"hub_fixture.redirect_commits_to_git({str(mirrors)!r})" if mirrors else ""
-    args = ["--model_name_or_path", str(work / "mlm"), "--task_name", "sst2", "--do_train", "--do_eval",
-            "--train_file", str(work / "glue/sst2/train.tsv"), "--validation_file", str(work / "glue/sst2/dev.tsv"),
-            "--output_dir", str(work / "out"), "--num_train_epochs", "2", "--learning_rate", "3e-3",
+    args = ["--model_name_or_path", str(work / "mlm"), "--task_name", task, "--do_train", "--do_eval",
+            "--train_file", str(work / "glue" / task / files[0]),
+            "--validation_file", str(work / "glue" / task / files[1]),
+            "--output_dir", str(work / output), "--num_train_epochs", "2", "--learning_rate", "3e-3",
             "--per_device_train_batch_size", "16", "--eval_strategy", "epoch", "--save_strategy", "epoch",
             "--max_seq_length", "32", "--report_to", "none", "--use_cpu", "--dataloader_pin_memory", "False",
             "--push_to_hub", "--hub_model_id", classifier, "--disable_tqdm", "True"]
@@ -188,3 +190,36 @@ def test_live_round_trip_on_hub_staging(tmp_path):
         api = HfApi(endpoint=endpoint, token=token)
         for repo in (classifier, mlm):
             api.delete_repo(repo, missing_ok=True)
+
+
+QNLI = "test-org/luna-tiny-qnli"
+PAIRS = [{"text": question, "text_pair": sentence} for question, sentence, _ in hub_fixture.QUESTIONS]
+
+
+def test_a_published_qnli_model_answers_sentence_pairs_with_its_label_names(published):
+    """finetune_glue.py --push_to_hub on QNLI; in a process without luna_hf, the text-classification pipeline
+    classifies (question, sentence) pairs with the task's label names, as the model does on the pairs tokenized
+    together; the card carries the GLUE metric in its model-index."""
+    hub, work = published
+    publish(hub.client_env(work / "home-qnli"), work, classifier=QNLI, mlm="test-org/luna-tiny-mlm-2",
+            mirrors=hub.mirrors, task="qnli", files=("train_subset.tsv", "dev.tsv"), output="qnli")  # fmt: skip
+    card = ModelCard.load(hub.repo_path(QNLI) / "README.md")
+    accuracy = json.loads((work / "qnli" / "eval_results.json").read_text())["eval_accuracy"]
+    result = card.data.eval_results[0]
+    assert (result.metric_type, result.dataset_config, result.metric_value) == ("accuracy", "qnli", accuracy)
+    code = f"""
+import json
+from transformers import pipeline
+classify = pipeline("text-classification", model={QNLI!r}, trust_remote_code=True)
+print(json.dumps({{"module": type(classify.model).__module__, "answers": classify({PAIRS!r})}}))
+"""
+    got = hub_fixture.run_python(code, hub.client_env(work / "home-qnli-consumer"), without_luna_hf=True)
+    assert got["module"].startswith("transformers_modules.")
+    tokenizer = AutoTokenizer.from_pretrained(hub.repo_path(QNLI))
+    model = AutoModelForSequenceClassification.from_pretrained(hub.repo_path(QNLI)).eval()
+    encoded = tokenizer([p["text"] for p in PAIRS], [p["text_pair"] for p in PAIRS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probabilities = model(**encoded).logits.softmax(-1)
+    assert [a["label"] for a in got["answers"]] == [model.config.id2label[int(p.argmax())] for p in probabilities]
+    assert {a["label"] for a in got["answers"]} <= {"entailment", "not_entailment"}
+    assert [a["score"] for a in got["answers"]] == pytest.approx([float(p.max()) for p in probabilities], abs=1e-5)
