@@ -134,6 +134,9 @@ class BenchmarkArguments:
     mlm_presets: list[str] = field(default_factory=lambda: ["luna-small", "luna-base"],
                                    metadata={"help": f"Models for --sparse_mlm, any of {list(MLM_PRESETS)}."})
     profile_length: int = field(default=4096)
+    deadline_seconds: float = field(default=0.0, metadata={"help": "Start no configuration (nor max-length try) after "
+                                    "this many seconds from the start; the rest is recorded as skipped, and the "
+                                    "reports are written (0: no deadline). scripts/gpu_run.py sets it."})
 
     def __post_init__(self):
         problems = [f"unknown model {name!r}" for name in self.models if name not in MODELS]
@@ -423,6 +426,8 @@ def run_benchmark(args: BenchmarkArguments, csv_path: Path) -> list[dict]:
         for seq_len, name, mode in progress:
             progress.set_postfix_str(f"{name} {mode} {seq_len}")
             last = skip.get((name, mode))
+            if past_deadline(args):
+                last = dict(status="deadline", seq_len=seq_len)
             # Skip after a failure, or when the last step time, scaled linearly in the length, already cannot fit
             # warm-up plus min_repeats steps in the time limit.
             if last is not None and (last["status"] != "ok" or (args.warmup + args.min_repeats) * last["median_s"]
@@ -596,6 +601,13 @@ def available_memory() -> int:
         return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
 
 
+STARTED = time.time()
+
+
+def past_deadline(args: BenchmarkArguments) -> bool:
+    return bool(args.deadline_seconds) and time.time() - STARTED > args.deadline_seconds
+
+
 def longest_fitting(context, search: BenchmarkArguments, name: str) -> tuple[list[dict], int | None, int | None]:
     """Real training steps of `name` at batch 1, each in a fresh process: from --search_start double while a step
     fits (or halve while it does not), then bisect between the longest that fitted and the shortest that did not,
@@ -609,7 +621,7 @@ def longest_fitting(context, search: BenchmarkArguments, name: str) -> tuple[lis
             f", {row['peak_mem_mib'] / 1024:.2f} GiB, {row['median_s']:.1f} s" if row["status"] == "ok" else
             f" ({row.get('error', '')})"))
 
-    while 256 <= n <= search.search_stop and not (fits and fails):
+    while 256 <= n <= search.search_stop and not (fits and fails) and not past_deadline(search):
         attempt(n)
         if tries[-1]["status"] == "error":  # a bug, not a length that does not fit
             raise RuntimeError(f"Max-length search, {name} at {n} tokens: {tries[-1]['error']}")
@@ -617,7 +629,7 @@ def longest_fitting(context, search: BenchmarkArguments, name: str) -> tuple[lis
             fits, n = n, 2 * n
         else:
             fails, n = n, n // 2
-    while fits and fails and fails - fits > search.search_resolution:
+    while fits and fails and fails - fits > search.search_resolution and not past_deadline(search):
         n = (fits + fails) // 2 // 256 * 256
         attempt(n)
         fits, fails = (n, fails) if tries[-1]["status"] == "ok" else (fits, n)
@@ -642,8 +654,11 @@ def max_length_search(args: BenchmarkArguments, output_dir: Path) -> Path:
         rows = [f"| {row['seq_len']:,} | {STATUS_SHORT.get(row['status'], row['status'])} | "
                 + (f"{row['peak_mem_mib'] / 1024:.2f} | {row['median_s']:.1f} |" if row["status"] == "ok" else
                    f"— | {'—' if row['status'] == 'oom' else row.get('error', '')} |") for row in tries]
-        if fails is None:
-            verdict = f"every length up to --search_stop fits: **≥ {fits:,} tokens** (longer not tried)"
+        stopped = "the deadline stopped the search" if past_deadline(args) else "every length up to --search_stop fits"
+        if not tries:
+            verdict = "no step started before the deadline"
+        elif fails is None:
+            verdict = f"{stopped}: **≥ {fits:,} tokens** (longer not tried)"
         elif fits is None:
             verdict = f"even {fails:,} tokens do not fit"
         else:

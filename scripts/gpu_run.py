@@ -28,7 +28,9 @@ Everything printed also goes to `gpu_run.log`. docs/gpu.md: how to run it and wh
 """
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -100,16 +102,22 @@ def run_phase(command: list[str], seconds: float, log: Log) -> str:
     """Run one phase, its output streamed into the log, killed when its time is up. Returns how it ended."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own process group: the benchmarks measure in child processes, which must stop with it (a 32K step left
+    # running would hold the GPU while the next phase measures).
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
     reader = threading.Thread(target=lambda: [log(line.rstrip()) for line in process.stdout], daemon=True)
     reader.start()
     try:
         process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        for signal_number, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal_number)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=grace)
         reader.join(timeout=5)
-        return f"stopped after {seconds:.0f} s (its budget): what it had measured is kept"
+        return f"stopped after {seconds:.0f} s (its budget): its log lines and CSV rows so far are kept"
     reader.join(timeout=5)
     return "done" if process.returncode == 0 else f"failed (exit {process.returncode})"
 
@@ -243,7 +251,7 @@ def check_generation(device: str) -> list[str]:
                 step = model(token, **{CACHE_OUTPUT_NAME: cache}, use_cache=True)
                 token = step.logits[:, -1:].argmax(-1)
         except RuntimeError as error:
-            syncs = f"**a step synchronises**: {str(error).splitlines()[0]}"
+            syncs = f"**FAILED**: a step synchronises: {str(error).splitlines()[0]}"
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return rows + [f"Host synchronisation in 4 cached decoding steps (set_sync_debug_mode('error')): {syncs}."]
@@ -276,7 +284,7 @@ def run_checks(path: Path, device: str) -> None:
 
 def main():
     args = parse_args()
-    results_dir = Path(args.results_dir)
+    results_dir = Path(args.results_dir).resolve()  # the phases run from the repository root
     results_dir.mkdir(parents=True, exist_ok=True)
     if args.phase == "checks":
         run_checks(results_dir / "gpu_checks.md", "cpu" if args.dry_run else "cuda")
@@ -287,6 +295,8 @@ def main():
     for name, command, share in phases(args.dry_run, results_dir):
         left = args.budget_seconds - (time.time() - started)
         seconds = max(left * share, 5.0)
+        if any(part.endswith("benchmark.py") for part in command):  # it stops starting runs in time to write reports
+            command = [*command, "--deadline_seconds", f"{max(seconds - 40, 5):.0f}"]
         log(f"\n=== {name}: up to {seconds:.0f} s of the {left:.0f} s left\n$ {' '.join(command)}")
         outcomes.append((name, run_phase(command, seconds, log)))
         log(f"=== {name}: {outcomes[-1][1]}")

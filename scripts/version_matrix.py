@@ -108,8 +108,10 @@ def save_reference_folders(directory: Path) -> None:
         with torch.no_grad():
             decoder = dict(decoder_input_ids=ids[:, :4]) if overrides is None else {}
             reference["logits"] = first_logits(model(**inputs, **decoder))
-            if kind in GENERATING_KINDS:  # left padding for the decoder-only model, as generate() wants
-                prompt = dict(input_ids=ids[:, :6], attention_mask=mask[:, :6].flip(1))
+            if kind in GENERATING_KINDS:  # the second row left-padded, as generate() wants a decoder-only batch
+                prompt_ids, prompt_mask = ids[:, :6].clone(), torch.ones(2, 6, dtype=torch.long)
+                prompt_ids[1, :2], prompt_mask[1, :2] = config.pad_token_id, 0
+                prompt = dict(input_ids=prompt_ids, attention_mask=prompt_mask)
                 reference["prompt"] = prompt
                 reference["greedy"] = model.generate(**prompt, max_new_tokens=5, do_sample=False)
                 reference["beam"] = model.generate(**prompt, max_new_tokens=5, do_sample=False, num_beams=3)
@@ -185,7 +187,7 @@ def environment(venv_dir: Path, release: str) -> Path:
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *requirements], capture_output=True,
-                             text=True)  # fmt: skip
+                             text=True, timeout=900)  # fmt: skip
     if install.returncode != 0:
         sys.exit(f"Could not make the transformers {release} environment ({venv}):\n{install.stderr[-3000:]}")
     marker.write_text(json.dumps(requirements))
@@ -210,14 +212,15 @@ def run_checks(python: Path, release: str, args, folders: Path, home: Path) -> l
         started = time.time()
         tests = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *MODEL_TEST_FILES],
                                cwd=ROOT, env=clean_env(PYTHONPATH=str(ROOT / "src"), HF_HOME=str(home)),
-                               capture_output=True, text=True)  # fmt: skip
+                               capture_output=True, text=True, timeout=1200)  # fmt: skip
         summary = (tests.stdout.strip().splitlines() or ["no output"])[-1]
         if tests.returncode != 0:
             print(tests.stdout[-6000:] + tests.stderr[-3000:])
         record("model tests", ("ok: " if tests.returncode == 0 else "FAILED: ") + summary, started)
     started = time.time()
     loaded = subprocess.run([str(python), str(Path(__file__).resolve()), "--load_folders", str(folders)],
-                            cwd=home, env=clean_env(HF_HOME=str(home)), capture_output=True, text=True)  # fmt: skip
+                            cwd=home, env=clean_env(HF_HOME=str(home)), capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
     if loaded.returncode != 0:
         record("remote-code round trip", "FAILED: " + loaded.stderr[-2000:], started)
     else:
@@ -230,7 +233,7 @@ def run_checks(python: Path, release: str, args, folders: Path, home: Path) -> l
         with tempfile.TemporaryDirectory() as results_dir:
             dry = subprocess.run([str(python), "scripts/gpu_run.py", "--dry_run", "--results_dir", results_dir],
                                  cwd=ROOT, env=clean_env(PYTHONPATH=str(ROOT / "src"), HF_HOME=str(home)),
-                                 capture_output=True, text=True)  # fmt: skip
+                                 capture_output=True, text=True, timeout=600)  # fmt: skip
             written = sorted(path.name for path in Path(results_dir).iterdir())
         if dry.returncode != 0:
             print(dry.stdout[-6000:] + dry.stderr[-3000:])
@@ -246,13 +249,14 @@ def main():
         return
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        folders, home = Path(scratch) / "folders", Path(scratch) / "home"
-        home.mkdir()
+        folders = Path(scratch) / "folders"
         save_reference_folders(folders)
         for release in args.releases:
             started = time.time()
             python = environment(Path(args.venv_dir), release)
             print(f"[{release}] environment ready ({time.time() - started:.0f} s)", flush=True)
+            home = Path(scratch) / f"home-{release}"  # a module cache of its own: nothing copied by another release
+            home.mkdir()
             rows += run_checks(python, release, args, folders, home)
     print("\n| transformers | check | outcome |\n|---|---|---|")
     for release, check, outcome in rows:

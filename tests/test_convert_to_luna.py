@@ -549,6 +549,13 @@ def test_the_api_converts_and_transfers_models_in_memory_with_no_script():
     assert result.steps == 12 and len(result.layer_losses) == 12 and len(result.layer_losses[0]) == 2
     assert sum(result.layer_losses[-1]) < sum(result.layer_losses[0])
     assert all("feature_map" in name for name in result.trained_parameters) and not student.training
+    # Left an ordinary model: no hooks feeding it the teacher's states, every parameter trainable again.
+    assert all(parameter.requires_grad for parameter in student.parameters())
+    fresh = luna_hf.LunaForSequenceClassification(student.config).eval()
+    fresh.load_state_dict(student.state_dict())
+    encoded = tokenizer(texts[:3] + ["good"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(student(**encoded).logits, fresh(**encoded).logits)
 
     with pytest.raises(ValueError, match="texts are empty"):
         luna_hf.transfer_attention(student, teacher, ["", "  "], tokenizer)

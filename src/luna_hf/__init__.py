@@ -68,7 +68,7 @@ for _auto_class, _model_class in {
 
 def __getattr__(name):
     # The attention transfer needs `datasets` (for its Trainer data): imported when asked for, so that `import luna_hf`
-    # works without it (the GPU image, remote-code users).
+    # (and `from luna_hf import *`: the two names are not in __all__) works without it, as on the GPU image.
     if name in ("transfer_attention", "AttentionTransferResult"):
         from . import attention_transfer
 
@@ -78,10 +78,8 @@ def __getattr__(name):
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
-    "AttentionTransferResult",
     "ConversionError",
     "convert_to_luna",
-    "transfer_attention",
     "LunaCache",
     "LunaConfig",
     "LunaDecoderModel",

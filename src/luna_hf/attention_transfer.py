@@ -28,6 +28,7 @@ from .conversion import is_transferred_parameter
 from .modeling_luna import LunaModel, LunaPreTrainedModel
 
 TRANSFER_LOSSES = ("output_mse", "attention_kl")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class AttentionTransfer(nn.Module):
@@ -51,16 +52,25 @@ class AttentionTransfer(nn.Module):
         if len(student_layers) != len(teacher_layers):
             raise ValueError(f"The student has {len(student_layers)} layers, the teacher {len(teacher_layers)}.")
         self.teacher_outputs, self.student_outputs = [None] * len(teacher_layers), [None] * len(teacher_layers)
+        self.hooks = []  # removed by `remove_hooks()`: afterwards both models compute as they did before
         for index, (student_layer, teacher_layer) in enumerate(zip(student_layers, teacher_layers, strict=True)):
             # BERT's attention output is its output projection's (`attention.output.dense`), before dropout and the
             # residual; Luna's is the learned-kernel attention's or the unpack attention's first output.
-            teacher_layer.attention.output.dense.register_forward_hook(self.recorder(self.teacher_outputs, index))
-            student_layer.register_forward_pre_hook(self.teacher_input_feeder(index), with_kwargs=True)
+            teacher_output = teacher_layer.attention.output.dense
             if student.config.attention_type == "learned_kernel":
                 student_attention = student_layer.attention
             else:
                 student_attention = student_layer.unpack_attention
-            student_attention.register_forward_hook(self.recorder(self.student_outputs, index, returns_tuple=True))
+            self.hooks += [
+                teacher_output.register_forward_hook(self.recorder(self.teacher_outputs, index)),
+                student_layer.register_forward_pre_hook(self.teacher_input_feeder(index), with_kwargs=True),
+                student_attention.register_forward_hook(self.recorder(self.student_outputs, index, returns_tuple=True)),
+            ]
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.teacher_inputs, self.teacher_outputs, self.student_outputs = None, [], []
 
     @staticmethod
     def recorder(outputs: list, index: int, returns_tuple: bool = False):
@@ -148,8 +158,8 @@ def text_dataset(texts, tokenizer, max_length: int, text_column: str) -> dataset
     if tokenizer is None:
         raise ValueError("Pass the tokenizer (the one convert_to_luna was given): it tokenizes and pads the texts.")
     if isinstance(texts, datasets.Dataset):
-        if "input_ids" in texts.column_names:
-            return texts
+        if "input_ids" in texts.column_names:  # tokenized: the model's inputs only (a label column would reach it)
+            return texts.select_columns([name for name in MODEL_INPUTS if name in texts.column_names])
         if text_column not in texts.column_names:
             raise ValueError(f"The dataset has no column {text_column!r}; its columns: {texts.column_names}.")
         texts = list(texts[text_column])
@@ -200,13 +210,19 @@ def transfer_attention(
             f"{len(dataset)} texts are fewer than one batch of {training_args.per_device_train_batch_size}: give more "
             "texts (a few hundred at least) or a smaller batch size."
         )
+    trainable = {name: parameter.requires_grad for name, parameter in student.named_parameters()}
     trained = freeze_all_but_new_attention(student)
     transfer = AttentionTransfer(student.base_model, getattr(teacher, "base_model", teacher), transfer_loss)
     layer_losses = record_layer_losses(transfer)
     training_args.remove_unused_columns = False
     trainer = Trainer(model=transfer, args=training_args, train_dataset=dataset,
                       data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)  # fmt: skip
-    output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:  # the student is left as an ordinary model: no hooks, its parameters as trainable as they were
+        transfer.remove_hooks()
+        for name, parameter in student.named_parameters():
+            parameter.requires_grad_(trainable[name])
     student.eval()
     return AttentionTransferResult(output.global_step, output.training_loss, layer_losses, trained)
 

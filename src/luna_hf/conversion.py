@@ -415,7 +415,8 @@ def save_folder(model, tokenizer, output_dir, overwrite: bool = False, write_rea
         if write_readme is not None:
             write_readme(staging)
         reloaded = type(model).from_pretrained(staging).state_dict()
-        differing = [name for name, tensor in model.state_dict().items() if not torch.equal(reloaded[name], tensor)]
+        differing = [name for name, tensor in model.state_dict().items()
+                     if not torch.equal(reloaded[name], tensor.detach().cpu())]  # fmt: skip
         if differing:
             raise ConversionError(f"The saved folder does not reload to the model's tensors: {differing}")
         if output_dir.exists():

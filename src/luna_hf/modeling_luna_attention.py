@@ -270,7 +270,9 @@ class LunaCacheForGeneration:
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
         if str(getattr(generation_mode, "value", generation_mode)) == "assisted_generation":
             raise ValueError(CANNOT_ROLL_BACK)
-        if generation_config.use_cache is not False and model_kwargs.get(CACHE_OUTPUT_NAME) is None:
+        given = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+        wanted = generation_config.use_cache is not False and generation_config.cache_implementation is None
+        if wanted and not given:  # a cache given under either name, or another implementation asked for: theirs
             model_kwargs[CACHE_OUTPUT_NAME] = self.empty_cache()
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
 
