@@ -180,8 +180,8 @@ def environment(venv_dir: Path, release: str) -> Path:
     venv = venv_dir / f"transformers-{release}"
     python = venv / "bin" / "python"
     marker = venv / "luna-matrix.json"
-    requirements = ["torch==2.13.0", f"transformers=={release}", "pytest", "parameterized", "tokenizers",
-                    "safetensors", *EXTRA_REQUIREMENTS.get(release, [])]  # fmt: skip
+    requirements = ["torch==2.13.0", f"transformers=={release}", "accelerate", "pytest", "parameterized",
+                    "tokenizers", "safetensors", *EXTRA_REQUIREMENTS.get(release, [])]  # fmt: skip
     if marker.is_file() and json.loads(marker.read_text()) == requirements and python.is_file():
         return python
     shutil.rmtree(venv, ignore_errors=True)

@@ -508,12 +508,11 @@ def test_generate_leaves_the_callers_encoder_outputs_as_they_were():
     with torch.no_grad():
         encoder_outputs = model.get_encoder()(input_ids=source, attention_mask=source_mask)
     shapes = {name: tuple(value.shape) for name, value in encoder_outputs.items()}
-    settings = dict(encoder_outputs=encoder_outputs, attention_mask=source_mask, max_new_tokens=4, num_beams=3,
-                    num_return_sequences=2, do_sample=False)  # fmt: skip
-    first, second = model.generate(**settings), model.generate(**settings)
+    settings = dict(attention_mask=source_mask, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    first = model.generate(encoder_outputs=encoder_outputs, **settings)
+    second = model.generate(encoder_outputs=encoder_outputs, **settings)
     assert {name: tuple(value.shape) for name, value in encoder_outputs.items()} == shapes
-    assert torch.equal(first, second) and torch.equal(first, model.generate(source, **{**settings,
-                                                                                      "encoder_outputs": None}))
+    assert torch.equal(first, second) and torch.equal(first, model.generate(source, **settings))
 
 
 def test_the_fairseq_task_decides_whether_a_checkpoint_is_a_translation_model():
