@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from measurement import SIZES
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
@@ -57,6 +56,7 @@ from transformers import (
 )
 
 from luna_hf import LunaConfig, LunaForMaskedLM, LunaForSequenceClassification
+from luna_hf.measurement import SIZES
 from luna_hf.transformers_compat import enable_activation_checkpointing
 
 # name -> (family, settings). Attention dropout is 0.1 unless the name says otherwise; hidden dropout is 0.1 for all.

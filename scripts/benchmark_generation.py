@@ -26,10 +26,10 @@ from typing import Literal
 
 import torch
 import transformers
-from measurement import cache_mib
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser
 
 from luna_hf import LunaConfig, LunaForCausalLM
+from luna_hf.measurement import cache_mib
 from luna_hf.transformers_compat import CACHE_OUTPUT_NAME
 
 MODELS = ("luna", "gpt2")

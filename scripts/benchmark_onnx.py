@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from measurement import SIZES
 from transformers import HfArgumentParser
 
 from luna_hf import LunaConfig, LunaForSequenceClassification
+from luna_hf.measurement import SIZES
 from luna_hf.onnx_export import export_to_onnx
 
 

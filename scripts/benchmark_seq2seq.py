@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import transformers
-from measurement import cache_mib
 from transformers import HfArgumentParser, MarianConfig, MarianMTModel
 
 from luna_hf import LunaForConditionalGeneration, LunaSeq2SeqConfig
+from luna_hf.measurement import cache_mib
 from luna_hf.transformers_compat import CACHE_OUTPUT_NAME
 
 

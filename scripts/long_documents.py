@@ -29,11 +29,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from text_sources import brown_documents  # the Brown corpus exactly as the pretraining corpus reads it
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 
 import luna_hf  # noqa: F401  (registers Luna with the Auto classes)
+from luna_hf.text_sources import brown_documents  # the Brown corpus exactly as the pretraining corpus reads it
 
 
 @dataclass

@@ -25,7 +25,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from text_sources import (
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from luna_hf.text_sources import (
     SourceUnavailable,
     brown_documents,
     hub_reachable,
@@ -33,8 +36,6 @@ from text_sources import (
     pydoc_documents,
     wikitext_documents,
 )
-from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
 REGISTRY_SOURCES = ("news", "brown", "pydoc")
 SOURCES = ("wikitext", *REGISTRY_SOURCES)

@@ -87,7 +87,6 @@ def test_time_limit_is_recorded_and_longer_lengths_skipped(tmp_path):
 
 @pytest.fixture(scope="module")
 def script():
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports scripts/measurement.py, as when run from scripts/
     spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -161,7 +160,6 @@ def test_modernbert_baseline_has_the_same_shape_and_feed_forward_size(script):
 
 @pytest.fixture(scope="module")
 def seq2seq_script():
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports scripts/measurement.py, as when run from scripts/
     spec = importlib.util.spec_from_file_location("benchmark_seq2seq", SCRIPT.parent / "benchmark_seq2seq.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

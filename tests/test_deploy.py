@@ -249,7 +249,6 @@ def test_half_precision_inference_is_finite_and_close(dtype, tolerance):
 
 
 def test_onnx_benchmark_runs_side_by_side(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))  # it imports scripts/measurement.py, as when run from scripts/
     spec = importlib.util.spec_from_file_location("benchmark_onnx", ROOT / "scripts" / "benchmark_onnx.py")
     benchmark_onnx = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark_onnx)

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share (imported by them, run by none): the model shapes they compare at, and the memory
-a generation cache holds."""
+"""What the benchmark scripts (scripts/benchmark*.py) share: the model shapes they compare at, and the memory a
+generation cache holds. Not part of the remote code."""
 
 import torch
 
