@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""The GLUE table from the records of scripts/glue_posthoc.sh (benchmarks/results/glue/<task>.jsonl):
+"""The GLUE table from the records of scripts/glue_runs.sh (benchmarks/results/glue/<task>.jsonl):
 
     python scripts/glue_report.py --output benchmarks/results/glue/table.md
 
 One row per task and model: the metric per seed, the mean and sample standard deviation over the seeds, and the mean
 as a share of the teacher's (MiniLM's) mean on the same task and seeds. QQP reports accuracy and F1 (GLUE's pair).
-When a task's records hold one model under a setting another lacks, the row says so rather than mixing budgets.
+When a task's records were finetuned at more than one budget (steps, batch, learning rate, length, evaluation set),
+the table says so rather than mixing them; the attention transfer's settings belong to each row's model.
 """
 
 import argparse
@@ -15,8 +16,14 @@ from collections import defaultdict
 from pathlib import Path
 
 METRICS = {"sst2": ["eval_accuracy"], "qnli": ["eval_accuracy"], "qqp": ["eval_accuracy", "eval_f1"]}
-MODELS = {"minilm": "all-MiniLM-L6-v2 (teacher, softmax)", "learned_kernel": "MiniLM -> learned kernel (m = 64)",
-          "nested": "MiniLM -> nested Luna (l = 16)"}  # fmt: skip
+MODELS = {
+    "minilm": "all-MiniLM-L6-v2 (teacher, softmax)",
+    "learned_kernel": "MiniLM -> learned kernel (m = 64), transfer on the task, distilled",
+    "nested": "MiniLM -> nested Luna (l = 16), transfer on the task, distilled",
+    "learned_kernel_general": "MiniLM -> learned kernel (m = 64), converted once (general text)",
+    "nested_general": "MiniLM -> nested Luna (l = 16), converted once (general text)",
+}
+BUDGET = ("finetune_steps", "batch", "learning_rate", "max_seq_length", "evaluated_on")
 TEACHER = "minilm"
 
 
@@ -25,7 +32,7 @@ def read_records(folder: Path) -> list[dict]:
     for path in sorted(folder.glob("*.jsonl")):
         records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not records:
-        raise SystemExit(f"No records in {folder}/*.jsonl: run scripts/glue_posthoc.sh first.")
+        raise SystemExit(f"No records in {folder}/*.jsonl: run scripts/glue_runs.sh first.")
     return records
 
 
@@ -40,7 +47,7 @@ def table(records: list[dict]) -> str:
     settings = defaultdict(set)
     for record in records:
         results[record["task"], record["model"]][record["seed"]] = record["metrics"]
-        settings[record["task"]].add(json.dumps(record["settings"], sort_keys=True))
+        settings[record["task"]].add(tuple(record["settings"].get(key) for key in BUDGET))
     lines = ["| task | model | metric | per seed (%) | mean ± sd (%) | of the teacher |", "|---|---|---|---|---:|---:|"]
     for task in [task for task in METRICS if any(key[0] == task for key in results)]:
         teacher = results.get((task, TEACHER), {})

@@ -33,6 +33,7 @@ from transformers import AutoModel, AutoTokenizer, HfArgumentParser, TrainingArg
 import luna_hf
 from luna_hf.conversion import AUTO_CLASS_NAMES, save_folder
 from luna_hf.model_card import write_model_card
+from luna_hf.text_sources import passages
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,21 @@ class TransferArguments:
     teacher_name_or_path: str = field(metadata={"help": "The original BERT or RoBERTa folder it was converted from."})
     transferred_model_dir: str = field(metadata={"help": "Where to write the transferred model (must not exist)."})
     train_file: str | None = field(
-        default=None, metadata={"help": "Text to imitate on: one text per line, or a .tsv with a header row."}
+        default=None,
+        metadata={"help": "Text to imitate on: a text per line (a tab between a pair's two), or a .tsv with a header."},
     )
     text_column: str = field(default="sentence", metadata={"help": "The .tsv's or the dataset's text column."})
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` name instead of --train_file."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
     dataset_split: str = field(default="train", metadata={"help": "The dataset's split."})
+    passages: bool = field(
+        default=False,
+        metadata={
+            "help": "The texts are documents (scripts/prepare_corpus.py's train.txt): cut them into sentences, "
+            "passages and sentence pairs of the lengths sentence tasks read (luna_hf.text_sources.passages)."
+        },
+    )
+    passages_seed: int = field(default=0, metadata={"help": "The order of the passages (--passages)."})
     max_samples: int | None = field(default=None, metadata={"help": "Use the first N texts only."})
     max_length: int = field(default=128, metadata={"help": "Truncate texts to this many tokens."})
     transfer_loss: Literal["output_mse", "attention_kl"] = field(
@@ -73,8 +83,11 @@ def read_texts(args: TransferArguments) -> list[str]:
             raise ValueError(f"{args.train_file} has no column {args.text_column!r}; its columns: {header}.")
         column = header.index(args.text_column)
         texts = [line.split("\t")[column] for line in lines[1:] if line.strip()]
-    else:
-        texts = [line for line in Path(args.train_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:  # a tab separates a pair's two texts
+        lines = Path(args.train_file).read_text(encoding="utf-8").splitlines()
+        texts = [tuple(line.split("\t", 1)) if "\t" in line else line for line in lines if line.strip()]
+    if args.passages:
+        texts = passages(texts, seed=args.passages_seed)
     return texts[: args.max_samples] if args.max_samples else texts
 
 

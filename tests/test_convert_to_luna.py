@@ -32,8 +32,9 @@ from transformers import (
 )
 
 import luna_hf
-from luna_hf.attention_transfer import AttentionTransfer
+from luna_hf.attention_transfer import AttentionTransfer, text_dataset
 from luna_hf.conversion import ConversionError, is_new_attention_parameter, is_transferred_parameter, save_folder
+from luna_hf.text_sources import passages
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -277,7 +278,7 @@ def test_attention_transfer_lowers_the_loss_and_trains_only_the_new_parameters(t
     save_source(BertForSequenceClassification, bert_config(), tmp_path / "source")
     folder = convert(tmp_path / "source", tmp_path / "luna", attention=attention, projected_length=4)
     generator = torch.Generator().manual_seed(2)
-    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (8,), generator=generator)) for _ in range(64)]
+    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (8,), generator=generator)) for _ in range(128)]
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{line}\t0\n" for line in lines))
 
     def per_layer_loss(model_dir):
@@ -330,7 +331,7 @@ def test_attention_kl_transfer_is_the_divergence_of_the_weights_and_lowers_it(tm
     folder = convert(tmp_path / "source", tmp_path / "luna")
     teacher = BertModel.from_pretrained(tmp_path / "source", attn_implementation="eager")
     tokenizer = BertTokenizer.from_pretrained(folder)
-    lines = [" ".join(WORDS[(3 * row + column) % len(WORDS)] for column in range(2 + row % 7)) for row in range(64)]
+    lines = [" ".join(WORDS[(3 * row + column) % len(WORDS)] for column in range(2 + row % 7)) for row in range(128)]
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{line}\t0\n" for line in lines))
     inputs = tokenizer(lines[:8], return_tensors="pt", padding=True)
     real = inputs["attention_mask"].bool()
@@ -578,3 +579,68 @@ def test_the_api_refuses_what_it_cannot_convert_before_building_anything():
         luna_hf.convert_to_luna(BertModel(bert_config(vocab_size=10)), tokenizer=BertTokenizer(vocab=vocab))
     with pytest.raises(ValueError, match="attention must be one of"):
         luna_hf.convert_to_luna(BertModel(bert_config()), attention="softmax")
+
+
+def test_general_text_is_cut_into_sentences_passages_and_pairs_that_the_transfer_reads_as_pairs(tmp_path):
+    """The convert-once route: documents become the lengths sentence tasks read, and a pair is encoded as a pair task
+    encodes it ([SEP] between, segment ids 1 for the second), from a list or from a text file's tab."""
+    sentences = [f"Sentence number {index} is here." for index in range(40)]
+    documents = [" ".join(sentences[start : start + 10]) + " Ok." for start in range(0, 40, 10)]
+    texts = passages(documents, seed=3)
+    kinds = {"single": 0, "passage": 0, "pair": 0}
+    for text in texts:
+        parts = [text] if isinstance(text, str) else list(text)
+        kinds["pair" if isinstance(text, tuple) else "passage" if text.count(".") > 1 else "single"] += 1
+        assert all(part.startswith("Sentence number") and part.endswith(".") for part in parts), text
+    assert all(kinds.values()), kinds  # each kind is there; "Ok." (under 3 words) is not
+    read = " ".join(part for text in texts for part in ([text] if isinstance(text, str) else text))
+    assert "Ok" not in read
+    assert all(read.count(f"number {index} ") == 1 for index in range(40))  # every sentence once, in one text
+    assert passages(documents, seed=3) == texts and passages(documents, seed=4) != texts
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = BertTokenizer(vocab={token: index for index, token in enumerate(vocab)})
+    dataset = text_dataset([WORDS[0], (WORDS[1], f"{WORDS[2]} {WORDS[3]}")], tokenizer, 16, "text")
+    single, pair = dataset[0], dataset[1]
+    assert single["input_ids"] == tokenizer(WORDS[0])["input_ids"] and set(single["token_type_ids"]) == {0}
+    assert pair["input_ids"] == tokenizer(WORDS[1], f"{WORDS[2]} {WORDS[3]}")["input_ids"]
+    assert pair["input_ids"].count(vocab.index("[SEP]")) == 2 and pair["token_type_ids"] == [0, 0, 0, 1, 1, 1]
+
+    lines = [f"{WORDS[i % 10]}\t{WORDS[(i + 1) % 10]}" if i % 2 else WORDS[i % 10] for i in range(6)]
+    (tmp_path / "texts.txt").write_text("\n".join(lines) + "\n\n")
+    arguments = transfer_script.TransferArguments(
+        model_name_or_path="unused", teacher_name_or_path="unused", transferred_model_dir="unused",
+        train_file=str(tmp_path / "texts.txt"))  # fmt: skip
+    assert transfer_script.read_texts(arguments) == [
+        tuple(line.split("\t")) if "\t" in line else line for line in lines]  # fmt: skip
+
+
+def test_too_little_text_for_the_steps_asked_is_refused_before_training(tmp_path):
+    torch.manual_seed(0)
+    teacher = BertModel(bert_config()).eval()
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tokenizer = BertTokenizer(vocab=vocab)
+    student = luna_hf.convert_to_luna(teacher, attention="learned_kernel", tokenizer=tokenizer)
+    before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    texts = [f"{WORDS[i % 10]} {WORDS[(3 * i) % 10]}" for i in range(40)]
+    # 40 texts, 25 steps of 8: each text read 5 times.
+    with pytest.raises(ValueError, match=r"40 texts are too few for 25 steps of 8 texts: each would be read 5 "
+                                         r"times \(at most 4\)\. Give at least 50 texts, or fewer steps "
+                                         r"\(max_steps <= 20\)"):  # fmt: skip
+        luna_hf.transfer_attention(student, teacher, texts, tokenizer, max_steps=25, batch_size=8)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in student.state_dict().items())
+    result = luna_hf.transfer_attention(student, teacher, texts, tokenizer, max_steps=20, batch_size=8)
+    assert result.steps == 20
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    folders = [save_luna(model, tokenizer, tmp_path / name) for model, name in [(student, "luna"), (teacher, "bert")]]
+    with pytest.raises(SystemExit, match="texts are empty"):
+        transfer_script.main(["--model_name_or_path", str(folders[0]), "--teacher_name_or_path", str(folders[1]),
+                              "--train_file", str(tmp_path / "empty.txt"), "--transferred_model_dir",
+                              str(tmp_path / "out"), "--output_dir", str(tmp_path / "ckpt"), "--use_cpu"])  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def save_luna(model, tokenizer, folder):
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

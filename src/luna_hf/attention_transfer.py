@@ -163,11 +163,45 @@ def text_dataset(texts, tokenizer, max_length: int, text_column: str) -> dataset
         if text_column not in texts.column_names:
             raise ValueError(f"The dataset has no column {text_column!r}; its columns: {texts.column_names}.")
         texts = list(texts[text_column])
-    texts = [text for text in texts if isinstance(text, str) and text.strip()]
+    texts = [text for text in texts if is_text(text)]
     if not texts:
         raise ValueError("No text to transfer the attention on: the texts are empty. Pass sentences or passages of "
                          "the lengths the model will read.")  # fmt: skip
-    return datasets.Dataset.from_dict(dict(tokenizer(texts, truncation=True, max_length=max_length)))
+    singles = [text for text in texts if isinstance(text, str)]
+    pairs = [text for text in texts if not isinstance(text, str)]
+    encoded = [tokenizer(singles, truncation=True, max_length=max_length)] if singles else []
+    if pairs:  # read as the model reads a pair task: [SEP] between them, segment ids where the model has them
+        first, second = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+        encoded.append(tokenizer(first, second, truncation=True, max_length=max_length))
+    columns = {name: [row for part in encoded for row in part[name]] for name in encoded[0]}
+    return datasets.Dataset.from_dict(columns)  # the Trainer's sampler shuffles singles and pairs together
+
+
+def is_text(text) -> bool:
+    """A non-empty string, or a pair of non-empty strings."""
+    if isinstance(text, str):
+        return bool(text.strip())
+    return isinstance(text, (tuple, list)) and len(text) == 2 and all(isinstance(part, str) and part.strip()
+                                                                      for part in text)  # fmt: skip
+
+
+# Imitating a few texts read over and over fits the new attention to them, not to the language: at most this many
+# passes over the texts.
+MAX_PASSES = 4
+
+
+def check_enough_texts(texts: int, training_args: TrainingArguments) -> None:
+    batch = training_args.per_device_train_batch_size
+    if texts < batch:
+        raise ValueError(f"{texts} texts are fewer than one batch of {batch}: give more texts (a few hundred at "
+                         "least) or a smaller batch size.")  # fmt: skip
+    read = training_args.max_steps * batch * training_args.gradient_accumulation_steps
+    if read > MAX_PASSES * texts:
+        raise ValueError(
+            f"{texts} texts are too few for {training_args.max_steps} steps of {read // training_args.max_steps} "
+            f"texts: each would be read {read / texts:.0f} times (at most {MAX_PASSES}). Give at least "
+            f"{-(-read // MAX_PASSES)} texts, or fewer steps (max_steps <= {MAX_PASSES * texts // batch})."
+        )
 
 
 def transfer_attention(
@@ -187,7 +221,8 @@ def transfer_attention(
     callbacks: list | None = None,
 ) -> AttentionTransferResult:
     """Train `student`'s new attention, in place, to imitate `teacher`'s (the model it was converted from, any head)
-    on `texts`: a list of strings, or a `datasets.Dataset` (`text_column`, or already tokenized by `tokenizer`).
+    on `texts`: a list of strings or `(first, second)` pairs (read as a pair task reads them), or a `datasets.Dataset`
+    (`text_column`, or already tokenized by `tokenizer`).
 
         student = convert_to_luna(teacher, tokenizer=tokenizer)
         result = transfer_attention(student, teacher, texts, tokenizer, max_steps=200)
@@ -195,8 +230,8 @@ def transfer_attention(
 
     The other arguments build the Trainer's `TrainingArguments` (AdamW, linear decay, no checkpoints); pass
     `training_args` instead for full control (checkpoints, resuming, logging). `callbacks` go to the Trainer. Raises a
-    `ValueError` before any training for empty texts or fewer texts than one batch. Returns the steps, the mean loss
-    and each batch's per-layer losses.
+    `ValueError` before any training for empty texts, fewer texts than one batch, or so few that each would be read
+    more than `MAX_PASSES` times. Returns the steps, the mean loss and each batch's per-layer losses.
     """
     dataset = text_dataset(texts, tokenizer, max_length, text_column)
     if training_args is None:
@@ -205,11 +240,7 @@ def transfer_attention(
             per_device_train_batch_size=batch_size, seed=seed, save_strategy="no", report_to=[],
             logging_steps=max(1, max_steps // 20),
         )  # fmt: skip
-    if len(dataset) < training_args.per_device_train_batch_size:
-        raise ValueError(
-            f"{len(dataset)} texts are fewer than one batch of {training_args.per_device_train_batch_size}: give more "
-            "texts (a few hundred at least) or a smaller batch size."
-        )
+    check_enough_texts(len(dataset), training_args)
     trainable = {name: parameter.requires_grad for name, parameter in student.named_parameters()}
     trained = freeze_all_but_new_attention(student)
     transfer = AttentionTransfer(student.base_model, getattr(teacher, "base_model", teacher), transfer_loss)

@@ -5,6 +5,7 @@ streamed from the Hub (wikitext). Not part of the remote code."""
 
 import csv
 import io
+import random
 import re
 import shutil
 import subprocess
@@ -118,6 +119,36 @@ def wikitext_articles(dataset: str, config: str, max_characters: int) -> Iterato
         else:
             if paragraphs:
                 yield f"wikitext/{split}/{title}", clean(" ".join(paragraphs))
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"')]?\s+(?=[\"'(]?[A-Z])")
+
+
+def passages(documents, seed: int = 0) -> list:
+    """Cut documents into what sentence-level tasks read, for an attention transfer on general text: in equal shares,
+    single sentences (SST-2), passages of 2 to 5 sentences (QNLI's), and pairs `(first, second)` of a sentence and the
+    1 to 3 that follow it (QNLI, QQP: the model reads them as a pair, `[SEP]` and segment ids included). Sentences
+    under 3 words are dropped. The order is shuffled with `seed`."""
+    rng = random.Random(seed)
+    texts = []
+    for document in documents:
+        sentences = [sentence for sentence in SENTENCE_END.split(document) if len(sentence.split()) >= 3]
+        start = 0
+        while start < len(sentences):
+            kind, size = rng.randrange(3), rng.randint(1, 3)
+            if kind == 0:
+                texts.append(sentences[start])
+                start += 1
+            elif kind == 1:
+                texts.append(" ".join(sentences[start : start + size + 1]))
+                start += size + 1
+            elif start + 1 < len(sentences):
+                texts.append((sentences[start], " ".join(sentences[start + 1 : start + 1 + size])))
+                start += 1 + size
+            else:
+                start += 1
+    rng.shuffle(texts)
+    return texts
 
 
 def hub_reachable(dataset: str) -> bool:

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GLUE table's runs for one task and seed (docs/finetuning.md, "SST-2, QNLI, QQP: converted MiniLM against its
+# teacher"), every model at the teacher's budget. Two routes:
+#
+#   bash scripts/glue_runs.sh qnli 42 outputs/glue path/to/all-MiniLM-L6-v2
+#     post hoc: MiniLM is finetuned (the teacher); the finetuned model is converted to the learned kernel (m = 64)
+#     and to nested Luna (l = 16), their new attention transferred on the task's training texts (200 steps of 16),
+#     then finetuned with the teacher's budget while distilling its predictions.
+#   bash scripts/glue_runs.sh qnli 42 outputs/glue path/to/all-MiniLM-L6-v2 data/corpus/train.txt
+#     convert once: MiniLM itself is converted and its attention transferred once per seed on general text (the
+#     corpus's documents cut into sentences, passages and pairs; 1,200 steps of 16, kept in OUTPUT/general-seedS and
+#     reused by every task), then finetuned on the task exactly like the teacher (no distillation).
+#
+# ATTENTIONS="learned_kernel" (default "learned_kernel nested") picks the converted models; ATTENTIONS="" trains the
+# teacher only. Each model's dev result is appended to benchmarks/results/glue/<task>.jsonl (settings, seed, metrics,
+# wall time) once; scripts/glue_report.py makes the table. One torch thread per run. A finished step is skipped when
+# the command is run again.
+set -euo pipefail
+task=$1 seed=$2 out=$3 minilm=$4 corpus=${5:-}
+glue=${GLUE_DIR:-../shared/data/glue}
+attentions=${ATTENTIONS-learned_kernel nested}
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+case $task in  # the training subset, the evaluation set, the length, the texts the post-hoc transfer reads
+  sst2) train=$glue/sst2/train.tsv dev=$glue/sst2/dev.tsv length=64 texts=sentence ;;
+  qnli) train=$glue/qnli/train_subset.tsv dev=$glue/qnli/dev.tsv length=128 texts=sentence ;;
+  qqp) train=$glue/qqp/train_subset.tsv dev=$glue/qqp/heldout_subset.tsv length=64 texts=question1 ;;
+  *) echo "unknown task $task (sst2, qnli, qqp)" >&2; exit 2 ;;
+esac
+steps=300 batch=32 learning_rate=1e-4
+if [ -n "$corpus" ]; then transfer_steps=1200 transfer_length=128 route=general; else transfer_steps=200 route=posthoc; fi
+run=$out/$task-seed$seed
+mkdir -p "$run" benchmarks/results/glue
+
+finetune() {  # finetune NAME MODEL OUTPUT START [--teacher_name_or_path TEACHER]: train, evaluate, record once
+  local name=$1 model=$2 output=$3 start=$4
+  shift 4
+  [ -f "$output/eval_results.json" ] && return
+  python scripts/finetune_glue.py --model_name_or_path "$model" --task_name "$task" --train_file "$train" \
+    --validation_file "$dev" --do_train --do_eval --max_seq_length "$length" --per_device_train_batch_size "$batch" \
+    --learning_rate "$learning_rate" --warmup_steps 0.06 --weight_decay 0.01 --max_steps "$steps" \
+    --eval_strategy no --save_strategy no --report_to none --seed "$seed" --output_dir "$output" \
+    --disable_tqdm true "$@"
+  python - "$task" "$seed" "$name" "$output" $((SECONDS - start)) "$steps" "$batch" "$learning_rate" "$length" \
+    "$dev" "$route" "${transfer_steps:-0}" "${corpus:-$train}" >> "benchmarks/results/glue/$task.jsonl" <<'EOF'
+import json, sys
+task, seed, model, folder, seconds, steps, batch, lr, length, dev, route, transfer, texts = sys.argv[1:]
+metrics = json.load(open(f"{folder}/eval_results.json"))
+transfer = {} if model == "minilm" else {"route": route, "transfer_steps": int(transfer), "transferred_on": texts}
+print(json.dumps({"task": task, "seed": int(seed), "model": model, "metrics": metrics, "wall_seconds": int(seconds),
+                  "settings": {"finetune_steps": int(steps), "batch": int(batch), "learning_rate": float(lr),
+                               "max_seq_length": int(length), "evaluated_on": dev, **transfer}}))
+EOF
+}
+
+transfer() {  # transfer STUDENT TEACHER OUTPUT RATE ARGS...: the attention transfer, once
+  local student=$1 teacher=$2 output=$3 rate=$4
+  shift 4
+  [ -d "$output" ] || python scripts/transfer_attention.py --model_name_or_path "$student" \
+    --teacher_name_or_path "$teacher" --max_steps $transfer_steps --per_device_train_batch_size 16 \
+    --learning_rate "$rate" --report_to none --seed "$seed" --save_strategy no --output_dir "$output-checkpoints" \
+    --transferred_model_dir "$output" --disable_tqdm true "$@"
+}
+
+convert() {  # convert SOURCE OUTPUT ATTENTION
+  local shape=(--kernel_num_projections 64)
+  [ "$3" = nested ] && shape=(--projected_length 16)
+  [ -d "$2" ] || python scripts/convert_to_luna.py --model_name_or_path "$1" --output_dir "$2" --attention "$3" \
+    "${shape[@]}" --seed "$seed"
+}
+
+finetune minilm "$minilm" "$run/teacher" $SECONDS
+for attention in $attentions; do
+  start=$SECONDS rate=1e-2
+  [ $attention = nested ] && rate=1e-3
+  if [ $route = posthoc ]; then
+    convert "$run/teacher" "$run/$attention" $attention
+    transfer "$run/$attention" "$run/teacher" "$run/$attention-attn" $rate --train_file "$train" --text_column $texts \
+      --max_samples $((16 * transfer_steps)) --max_length "$length"
+    finetune $attention "$run/$attention-attn" "$run/$attention-distilled" $start --teacher_name_or_path "$run/teacher"
+  else  # the shared transfer's time is not in the task's row (its log has it): a user pays it once
+    general=$out/general-seed$seed
+    convert "$minilm" "$general/$attention" $attention
+    transfer "$general/$attention" "$minilm" "$general/$attention-attn" $rate --train_file "$corpus" --passages true \
+      --passages_seed "$seed" --max_samples $((16 * transfer_steps)) --max_length $transfer_length
+    start=$SECONDS
+    finetune "${attention}_general" "$general/$attention-attn" "$run/$attention-general" $start
+  fi
+done
