@@ -612,3 +612,26 @@ def test_padded_ids_without_an_attention_mask_get_transformers_warning(monkeypat
         assert warnings == []
         model(input_ids)
     assert len(warnings) == 1 and "attention_mask" in warnings[0]
+
+
+@pytest.mark.parametrize("attention_type", ["nested", "learned_kernel"])
+def test_return_dict_false_puts_the_pooled_output_second_and_the_attentions_last(attention_type):
+    """BERT-style callers unpack `sequence, pooled = model(..., return_dict=False)[:2]` and read `[-1]` as the
+    attentions; the tuple must hold the dict's tensors in that order for either attention (None entries dropped)."""
+    overrides = {"attention_type": attention_type} if attention_type == "learned_kernel" else {}
+    model = LunaModel._from_config(tiny_config(**overrides), attn_implementation="eager").eval()
+    input_ids, attention_mask = padded_batch([7, 4])
+    flags = dict(output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        as_dict = model(input_ids, attention_mask=attention_mask, **flags)
+        as_tuple = model(input_ids, attention_mask=attention_mask, return_dict=False, **flags)
+    expected = [as_dict.last_hidden_state, as_dict.pooler_output]
+    if attention_type == "nested":
+        expected += [as_dict.packed_hidden_state, as_dict.packed_attention_mask, as_dict.pack_attentions]
+    expected += [as_dict.hidden_states, as_dict.attentions]
+    assert all(len(maps) == 2 for maps in expected[-1:])
+    assert len(as_tuple) == len(expected)
+    for got, want in zip(as_tuple, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert as_tuple[1].shape == (2, model.config.hidden_size)
+    assert as_tuple[-1][0].shape[-2] == input_ids.shape[1]  # a map per query token: the (unpack) attentions

@@ -128,15 +128,15 @@ class LunaModelOutput(ModelOutput):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         Token states X of the last layer.
-    packed_hidden_state (`torch.FloatTensor` of shape `(batch_size, packed_length, hidden_size)`):
-        Packed sequence P of the last layer (`packed_length` = `projected_length`, or less with dynamic projection).
-        With `attention_type="learned_kernel"` there is no P: this, `packed_attention_mask`, `packed_hidden_states`
-        and `pack_attentions` are None, and asking for the last two raises a `ValueError`.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         Sentence representation chosen by `config.classifier_pooling`: the mean of the final P over each row's valid
         slots (`"packed_mean"`), the mean of the real tokens' states (`"mean"`), else the first real token's state
         (`"cls"`; also for the learned P poolings, whose parameters belong to the sequence heads' `classifier.pooler`,
         which apply them on top of it).
+    packed_hidden_state (`torch.FloatTensor` of shape `(batch_size, packed_length, hidden_size)`):
+        Packed sequence P of the last layer (`packed_length` = `projected_length`, or less with dynamic projection).
+        With `attention_type="learned_kernel"` there is no P: this, `packed_attention_mask`, `packed_hidden_states`
+        and `pack_attentions` are None, and asking for the last two raises a `ValueError`.
     packed_attention_mask (`torch.LongTensor` of shape `(batch_size, packed_length)`):
         1 for the slots of P that a row uses, 0 for those beyond its length (dynamic projection).
     packed_hidden_states (`tuple(torch.FloatTensor)`, returned with `output_packed_hidden_states=True`):
@@ -151,9 +151,11 @@ class LunaModelOutput(ModelOutput):
         linear attention, `(batch_size, num_heads, sequence_length, sequence_length)`: O(n^2), for debugging.
     """
 
+    # The order of the tuple that `return_dict=False` gives (None entries dropped): [0] the token states and [1] the
+    # pooled output for both attentions, as BERT's and RoBERTa's; `attentions` last.
     last_hidden_state: torch.FloatTensor | None = None
-    packed_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
+    packed_hidden_state: torch.FloatTensor | None = None
     packed_attention_mask: torch.LongTensor | None = None
     packed_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pack_attentions: tuple[torch.FloatTensor, ...] | None = None
