@@ -69,6 +69,13 @@ def padded_labels(shape, seed):
     return labels
 
 
+def partial_multi_hot(generator) -> torch.Tensor:
+    """Multi-label targets with unknown labels (-100): 5, 2 of them in the first micro-batch, 3 in the second."""
+    labels = torch.randint(0, 2, (4, 3), generator=generator).float()
+    labels[0, 1] = labels[1, 0] = labels[2, 2] = labels[3, 0] = labels[3, 1] = -100
+    return labels
+
+
 def examples_for(head: str):
     """Four examples for a head: (model class, config overrides, list of feature dicts)."""
     generator = torch.Generator().manual_seed(1)
@@ -77,6 +84,8 @@ def examples_for(head: str):
         "single_label": (LunaForSequenceClassification, dict(num_labels=3), dict(labels=torch.tensor([0, 2, 1, 2]))),
         "multi_label": (LunaForSequenceClassification, dict(num_labels=3, problem_type="multi_label_classification"),
                         dict(labels=torch.randint(0, 2, (4, 3), generator=generator).float())),
+        "multi_label_partial": (LunaForSequenceClassification, dict(num_labels=3,
+                                problem_type="multi_label_classification"), dict(labels=partial_multi_hot(generator))),
         "regression": (LunaForSequenceClassification, dict(num_labels=1),
                        dict(labels=torch.randn(4, generator=generator))),
         "regression_2": (LunaForSequenceClassification, dict(num_labels=2, problem_type="regression"),
@@ -113,8 +122,8 @@ def weight_update(head: str, batch_size: int, accumulation: int, output_dir) -> 
 
 @pytest.mark.parametrize(
     "head",
-    ["single_label", "multi_label", "regression", "regression_2", "token", "multiple_choice", "question_answering",
-     "masked_lm", "masked_lm_sparse", "causal_lm"],
+    ["single_label", "multi_label", "multi_label_partial", "regression", "regression_2", "token", "multiple_choice",
+     "question_answering", "masked_lm", "masked_lm_sparse", "causal_lm"],
 )  # fmt: skip
 def test_gradient_accumulation_gives_the_update_of_one_large_batch(head, tmp_path):
     one_batch = weight_update(head, batch_size=4, accumulation=1, output_dir=tmp_path / "one")
@@ -122,6 +131,31 @@ def test_gradient_accumulation_gives_the_update_of_one_large_batch(head, tmp_pat
     assert one_batch.abs().max() > 1e-4  # the step did something
     assert (accumulated.norm() / one_batch.norm()).item() == pytest.approx(1.0, abs=1e-4)
     torch.testing.assert_close(accumulated, one_batch, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
+def test_float_label_losses_skip_unknown_labels_and_otherwise_match_transformers(problem_type):
+    """The loss over the known labels (not -100), as the cross-entropy losses skip -100; transformers' own mean when
+    every label is known; a sum over the Trainer's count of known labels under gradient accumulation."""
+    num_labels = 3 if problem_type == "multi_label_classification" else 1
+    torch.manual_seed(0)
+    model = LunaForSequenceClassification(tiny_config(num_labels=num_labels, problem_type=problem_type)).eval()
+    ids = random_ids(4, LENGTH, seed=9)
+    generator = torch.Generator().manual_seed(3)
+    if problem_type == "regression":
+        labels, reference = torch.randn(4, generator=generator), torch.nn.MSELoss(reduction="none")
+    else:
+        labels = torch.randint(0, 2, (4, 3), generator=generator).float()
+        reference = torch.nn.BCEWithLogitsLoss(reduction="none")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.reshape(labels.shape)
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, reference(logits, labels).mean())
+        unknown = labels.clone()
+        unknown[1] = -100
+        known = reference(logits, labels)[[0, 2, 3]]
+        torch.testing.assert_close(model(input_ids=ids, labels=unknown).loss, known.mean())
+        torch.testing.assert_close(model(input_ids=ids, labels=unknown, num_items_in_batch=torch.tensor(20)).loss,
+                                   known.sum() / 20)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

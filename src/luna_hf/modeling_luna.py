@@ -163,6 +163,23 @@ class LunaModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+def float_label_loss(logits, labels, problem_type: str, num_items_in_batch=None) -> torch.Tensor:
+    """The regression (MSE) and multi-label (BCE) losses over the labels that are not -100 (an unknown label, skipped
+    as the cross-entropy losses skip it), summed and divided by the Trainer's count of such labels across the
+    accumulated micro-batches (`num_items_in_batch`, which transformers' own MSE and BCE losses ignore while the
+    Trainer skips its division by the accumulation steps), else by this batch's count: with no -100, the mean
+    transformers computes."""
+    labels = labels.to(logits.device, logits.dtype)
+    logits = logits.reshape(labels.shape)  # (batch, 1) logits for (batch,) regression targets
+    if problem_type == "regression":
+        per_label = nn.functional.mse_loss(logits, labels, reduction="none")
+    else:
+        per_label = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    known = labels != -100
+    count = known.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return per_label[known].sum() / torch.as_tensor(count, device=logits.device)
+
+
 class LunaDropout(nn.Dropout):
     """`nn.Dropout` that keeps a 1-byte mask for the backward pass (`torch.native_dropout`), where
     `nn.functional.dropout` on CPU keeps a 4-byte one: the layer's residual dropouts are n x d each."""
@@ -691,13 +708,14 @@ class LunaForSequenceClassification(LunaPreTrainedModel):
         logits = self.classifier(outputs)
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
-            num_items_in_batch = kwargs.get("num_items_in_batch")
-            if num_items_in_batch is not None and self.config.problem_type != "single_label_classification":
-                # transformers' MSE and BCE losses are means over this batch's labels and ignore num_items_in_batch,
-                # yet the Trainer then skips its own division by the accumulation steps: divide the sum by the
-                # accumulated batch's label count, as the cross-entropy losses do.
-                loss = loss * labels.numel() / num_items_in_batch
+            if self.config.problem_type is None:  # as transformers decides it
+                integer = not (labels.is_floating_point() or labels.is_complex())
+                self.config.problem_type = ("regression" if self.config.num_labels == 1 else
+                                            "single_label_classification" if integer else "multi_label_classification")
+            if self.config.problem_type == "single_label_classification":
+                loss = self.loss_function(labels, logits, self.config, **kwargs)
+            else:
+                loss = float_label_loss(logits, labels, self.config.problem_type, kwargs.get("num_items_in_batch"))
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
