@@ -4,14 +4,17 @@
     pip install -e ".[deploy]"
     python scripts/export_onnx.py --model_name_or_path outputs/luna-small-sst2 --output_dir outputs/luna-small-onnx
 
-writes `model.onnx` beside the config, the tokenizer and the remote code, runs a few sentences through
+writes `model.onnx` beside the config and the remote code, and the tokenizer in `tokenizer/` (a folder without
+the model's config, so `AutoTokenizer.from_pretrained(OUTPUT/tokenizer)` needs no remote code and asks nothing:
+transformers reads a folder's config.json before its tokenizer), runs a few sentences through
 onnxruntime, batched and one at a time, and prints the largest difference from PyTorch. The folder is assembled
 under a temporary name and appears only when the check passes; nothing that existed before is touched.
 
 `--task` picks the head (default: the one the checkpoint was saved with): `sequence-classification` (output
-`logits`), `fill-mask` (`logits`) or `feature-extraction` (`last_hidden_state`, `packed_hidden_state`,
-`pooler_output`). The exported graph keeps all `projected_length` slots of P (slots beyond a row's length are
-masked), so `packed_hidden_state` has l slots where eager PyTorch may cut it shorter; every other output is the same.
+`logits`), `fill-mask` (`logits`) or `feature-extraction` (`last_hidden_state`, `pooler_output` and, nested
+Luna, `packed_hidden_state`). The exported graph keeps all `projected_length` slots of P (slots beyond a row's length
+are masked), so `packed_hidden_state` has l slots where eager PyTorch may cut it shorter; every other output is the
+same.
 """
 
 import shutil
@@ -36,7 +39,8 @@ from luna_hf.onnx_export import export_to_onnx
 TASKS = {
     "sequence-classification": (AutoModelForSequenceClassification, ["logits"]),
     "fill-mask": (AutoModelForMaskedLM, ["logits"]),
-    "feature-extraction": (AutoModel, ["last_hidden_state", "packed_hidden_state", "pooler_output"]),
+    # In the order of the model's outputs (the graph's are positional); the learned kernel has no P.
+    "feature-extraction": (AutoModel, ["last_hidden_state", "pooler_output", "packed_hidden_state"]),
 }
 SENTENCES = [
     "A gorgeous, witty and deeply moving film.",
@@ -70,6 +74,8 @@ def load(args: ExportArguments):
         task = {"LunaForSequenceClassification": "sequence-classification",
                 "LunaForMaskedLM": "fill-mask"}.get(architecture, "feature-extraction")
     model_class, output_names = TASKS[task]
+    if config.attention_type == "learned_kernel":
+        output_names = [name for name in output_names if name != "packed_hidden_state"]
     model = model_class.from_pretrained(args.model_name_or_path, trust_remote_code=True).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> float:
         worst = validate(model, tokenizer, partial / "model.onnx", output_names, args.atol)
         model.config.save_pretrained(partial)
         if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
+            tokenizer.save_pretrained(partial / "tokenizer")
         for code in Path(args.model_name_or_path).glob("*.py"):  # remote code, so AutoConfig loads the folder
             shutil.copy(code, partial)
         partial.rename(output_dir)

@@ -3,6 +3,7 @@ torch.compile(fullgraph=True, dynamic=True), sentence-transformers, peft LoRA, h
 
 import importlib.util
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_export_script_round_trip_through_onnxruntime(folders, folder, task, out
     worst = export_onnx.main(["--model_name_or_path", str(root / folder), "--output_dir", str(output_dir),
                               "--task", task])
     assert worst <= 1e-4 and "largest difference from PyTorch" in capsys.readouterr().out
-    assert {"model.onnx", "config.json", "tokenizer_config.json", "configuration_luna.py"} <= {
+    assert {"model.onnx", "config.json", "tokenizer", "configuration_luna.py"} <= {
         path.name for path in output_dir.iterdir()}
     model_class = {"classifier": LunaForSequenceClassification, "encoder": LunaModel, "masked": LunaForMaskedLM}[folder]
     model = model_class.from_pretrained(root / folder).eval()
@@ -137,12 +138,39 @@ def test_export_script_round_trip_through_onnxruntime(folders, folder, task, out
             np.testing.assert_allclose(actual[name], expected[name].numpy(), atol=1e-4, rtol=0)
 
 
+def test_the_exported_tokenizer_loads_where_luna_hf_is_not_installed_without_the_custom_code_question(folders):
+    """A deployment box has onnxruntime and transformers: AutoTokenizer on the export's tokenizer folder must load
+    the tokenizer the model was trained with, with no remote code (stdin closed: a question would fail)."""
+    root, tokenizer = folders
+    output_dir = root / "classifier-onnx-tokenizer"
+    export_onnx.main(["--model_name_or_path", str(root / "classifier"), "--output_dir", str(output_dir)])
+    result = hub_fixture.run_python(textwrap.dedent(f"""
+        import json
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(output_dir / "tokenizer")!r})
+        print(json.dumps({{"ids": tokenizer(["a good film", "great"], padding=True)["input_ids"]}}))
+    """), env=hub_fixture.clean_env(root / "hf_home", HF_HUB_OFFLINE=1), without_luna_hf=True)  # fmt: skip
+    assert result["ids"] == tokenizer(["a good film", "great"], padding=True)["input_ids"]
+
+
 def test_export_script_exports_the_learned_kernel_attention(tmp_path, capsys):
     hub_fixture.save_tiny_model(LunaForSequenceClassification, tmp_path / "classifier", num_labels=2,
                                 attention_type="learned_kernel", kernel_shared_channels=False)
     folder, output_dir = str(tmp_path / "classifier"), str(tmp_path / "onnx")
     worst = export_onnx.main(["--model_name_or_path", folder, "--output_dir", output_dir])
     assert worst <= 1e-4 and "largest difference from PyTorch" in capsys.readouterr().out
+    # Its features: no P, so the graph's outputs are the token states and the pooled output, named as such.
+    export_onnx.main(["--model_name_or_path", folder, "--output_dir", str(tmp_path / "features"), "--task",
+                      "feature-extraction"])  # fmt: skip
+    inputs = {"input_ids": torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]]), "attention_mask": torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}  # fmt: skip
+    actual = run_onnx(tmp_path / "features" / "model.onnx", inputs, ["last_hidden_state", "pooler_output"])
+    with torch.no_grad():
+        expected = LunaModel.from_pretrained(folder).eval()(**inputs)
+    np.testing.assert_allclose(actual["pooler_output"], expected.pooler_output.numpy(), atol=1e-4, rtol=0)
+    real = inputs["attention_mask"].bool().numpy()
+    np.testing.assert_allclose(actual["last_hidden_state"][real], expected.last_hidden_state.numpy()[real],
+                               atol=1e-4, rtol=0)  # fmt: skip
 
 
 def test_export_script_bad_input(folders, tmp_path):
