@@ -286,3 +286,50 @@ def test_onnx_benchmark_runs_side_by_side(tmp_path):
     assert [row.split("|")[1].strip() for row in rows] == ["16", "48"]
     assert all(float(row.split("|")[5]) <= 1e-4 for row in rows)
     assert (tmp_path / "onnx.md").read_text().endswith(table + "\n")
+
+
+PRE_LN_LEARNED = dict(normalize_before=True, tie_key_value=False, position_embedding_type="learned",
+                      dynamic_projection=False)
+
+
+@pytest.mark.parametrize("variant", [{}, PRE_LN_LEARNED])
+def test_the_translation_model_exports_with_its_cache_as_explicit_tensors(tmp_path, variant):
+    """Encoder, first decoding step and later steps as three ONNX graphs (the cache in and out as tensors); in
+    onnxruntime, on a batch and source length other than the traced ones: every step's logits and the greedy tokens
+    are eager PyTorch's (its forward on the whole prefix, and generate())."""
+    from luna_hf import LunaForConditionalGeneration, LunaSeq2SeqConfig
+    from luna_hf.onnx_export import export_translation_to_onnx, greedy_translate
+
+    torch.manual_seed(0)
+    config = LunaSeq2SeqConfig(vocab_size=30, hidden_size=16, encoder_layers=2, decoder_layers=2, num_attention_heads=2,
+                               intermediate_size=32, projected_length=4, max_position_embeddings=40,
+                               hidden_dropout_prob=0.0, **variant)  # fmt: skip
+    model = LunaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # away from the initial LayerNorms and zero biases, so that a misplaced one shows
+        for name, parameter in model.named_parameters():
+            if "bias" in name or "norm" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+
+    def source(batch, length, seed):
+        ids = torch.randint(3, 30, (batch, length), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones_like(ids)
+        for row in range(1, batch):  # left padding, as the tokenizer of a translation model pads
+            ids[row, : 2 * row], mask[row, : 2 * row] = config.pad_token_id, 0
+        return ids, mask
+
+    traced_ids, traced_mask = source(2, 7, seed=1)
+    paths = export_translation_to_onnx(model, {"input_ids": traced_ids, "attention_mask": traced_mask}, tmp_path)
+    sessions = {name: onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for name, path in paths.items()}  # fmt: skip
+    ids, mask = source(3, 9, seed=2)
+    target = torch.randint(3, 30, (3, 8), generator=torch.Generator().manual_seed(3))
+    decoder_input_ids = torch.cat([torch.full((3, 1), config.decoder_start_token_id), target[:, :-1]], dim=1)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, num_beams=1,
+                                   do_sample=False)[:, 1:]  # fmt: skip
+    _, scores = greedy_translate(sessions, ids.numpy(), mask.numpy(), config, 0, forced_tokens=target.numpy())
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-4, rtol=0)  # teacher-forced: every step's logits
+    tokens, _ = greedy_translate(sessions, ids.numpy(), mask.numpy(), config, max_new_tokens=10)
+    np.testing.assert_array_equal(tokens, generated.numpy()[:, : tokens.shape[1]])
+    assert tokens.shape[1] == generated.shape[1] or (tokens[:, -1] == config.eos_token_id).any()

@@ -53,6 +53,7 @@ from .transformers_compat import (
     CACHE_OUTPUT_NAME,
     create_bidirectional_mask,
     init,
+    is_tracing,
     require_generation_support,
     take_cache_argument,
 )
@@ -233,7 +234,8 @@ class LunaSeq2SeqEncoder(LunaSeq2SeqPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> LunaSeq2SeqEncoderOutput:
         token_mask = self.validate_inputs(input_ids, attention_mask, inputs_embeds)
-        if bool((token_mask.sum(dim=1) == 0).any()):
+        # A host check (skipped while tracing: a data-dependent branch torch.export cannot follow).
+        if not is_tracing(token_mask) and bool((token_mask.sum(dim=1) == 0).any()):
             raise ValueError(
                 "A source row has no tokens (its attention_mask is all 0): Luna's packed sequence has nothing to "
                 "attend to. Give every row at least one token (e.g. the end-of-sentence token)."
