@@ -29,18 +29,21 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     HfArgumentParser,
 )
 
-from luna_hf.onnx_export import export_to_onnx
+from luna_hf.onnx_export import export_to_onnx, export_translation_to_onnx, greedy_translate
 
 TASKS = {
     "sequence-classification": (AutoModelForSequenceClassification, ["logits"]),
     "fill-mask": (AutoModelForMaskedLM, ["logits"]),
     # In the order of the model's outputs (the graph's are positional); the learned kernel has no P.
     "feature-extraction": (AutoModel, ["last_hidden_state", "pooler_output", "packed_hidden_state"]),
+    # Three graphs: encoder_model, decoder_model (first step), decoder_with_past_model (luna_hf.onnx_export).
+    "translation": (AutoModelForSeq2SeqLM, ["logits"]),
 }
 SENTENCES = [
     "A gorgeous, witty and deeply moving film.",
@@ -54,7 +57,7 @@ SENTENCES = [
 class ExportArguments:
     model_name_or_path: str = field(metadata={"help": "A Luna folder or Hub id."})
     output_dir: str = field(metadata={"help": "Folder to create for model.onnx, config and tokenizer."})
-    task: Literal["auto", "sequence-classification", "fill-mask", "feature-extraction"] = field(
+    task: Literal["auto", "sequence-classification", "fill-mask", "feature-extraction", "translation"] = field(
         default="auto", metadata={"help": "Which head to export; auto: the one the checkpoint was saved with."})
     opset: int | None = field(default=None, metadata={"help": "ONNX opset (default: the exporter's)."})
     atol: float = field(default=1e-4, metadata={"help": "Largest allowed difference from PyTorch."})
@@ -65,16 +68,20 @@ def load(args: ExportArguments):
         config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=True)
     except (OSError, ValueError) as error:
         raise SystemExit(f"Cannot load a model config from {args.model_name_or_path!r}: {error}") from None
-    if config.model_type != "luna":
+    if config.model_type not in ("luna", "luna_seq2seq"):
         raise SystemExit(f"{args.model_name_or_path} is a {config.model_type!r} model, not Luna. This script exports "
                          f"Luna models; for others use `optimum-cli export onnx` or torch.onnx.export.")
     task = args.task
-    if task == "auto":
+    if (task == "translation") != (config.model_type == "luna_seq2seq") and task != "auto":
+        raise SystemExit(f"--task {task} does not fit a {config.model_type!r} model: use --task auto.")
+    if config.model_type == "luna_seq2seq":
+        task = "translation"
+    elif task == "auto":
         architecture = (config.architectures or ["LunaModel"])[0]
         task = {"LunaForSequenceClassification": "sequence-classification",
                 "LunaForMaskedLM": "fill-mask"}.get(architecture, "feature-extraction")
     model_class, output_names = TASKS[task]
-    if config.attention_type == "learned_kernel":
+    if getattr(config, "attention_type", "nested") == "learned_kernel":
         output_names = [name for name in output_names if name != "packed_hidden_state"]
     model = model_class.from_pretrained(args.model_name_or_path, trust_remote_code=True).eval()
     try:
@@ -85,11 +92,12 @@ def load(args: ExportArguments):
 
 
 def example_inputs(model, tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
+    longest = getattr(model.config, "max_sequence_length", model.config.max_position_embeddings)
     if tokenizer is not None:
-        encoded = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
+        encoded = tokenizer(sentences, padding=True, truncation=True, max_length=longest, return_tensors="pt")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     generator = torch.Generator().manual_seed(len(sentences))
-    lengths = [min(8 + 5 * i, model.config.max_sequence_length) for i in range(len(sentences))]
+    lengths = [min(8 + 5 * i, longest) for i in range(len(sentences))]
     input_ids = torch.full((len(sentences), max(lengths)), model.config.pad_token_id)
     attention_mask = torch.zeros_like(input_ids)
     for row, length in enumerate(lengths):
@@ -127,6 +135,41 @@ def validate(model, tokenizer, path: Path, output_names: list[str], atol: float)
     return worst
 
 
+def validate_translation(model, tokenizer, paths: dict, atol: float) -> float:
+    """Batched and one sentence at a time: generate()'s greedy tokens, and every step's logits along them."""
+    import onnxruntime
+
+    sessions = {name: onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for name, path in paths.items()}  # fmt: skip
+    worst = 0.0
+    for batch in [SENTENCES] + [[sentence] for sentence in SENTENCES]:
+        inputs = example_inputs(model, tokenizer, batch)
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=16, num_beams=1, do_sample=False)
+            expected = model(**inputs, decoder_input_ids=generated[:, :-1]).logits.numpy()
+        numpy_inputs = {name: tensor.numpy() for name, tensor in inputs.items()}
+        tokens, _ = greedy_translate(sessions, **numpy_inputs, config=model.config, max_new_tokens=16)
+        _, scores = greedy_translate(sessions, **numpy_inputs, config=model.config, max_new_tokens=0,
+                                     forced_tokens=generated[:, 1:].numpy())  # fmt: skip
+        if not np.array_equal(tokens, generated[:, 1 : 1 + tokens.shape[1]].numpy()):
+            raise SystemExit("Validation failed: onnxruntime's greedy translation differs from generate()'s. "
+                             "Nothing was written.")  # fmt: skip
+        worst = max(worst, float(np.abs(scores - expected).max()))
+    if not worst <= atol:
+        raise SystemExit(f"Validation failed: onnxruntime differs from PyTorch by {worst:.3g} > --atol {atol}. "
+                         f"Nothing was written.")
+    return worst
+
+
+def export_and_validate(model, tokenizer, task, output_names, folder: Path, args) -> float:
+    inputs = example_inputs(model, tokenizer, SENTENCES[:2])
+    if task == "translation":
+        return validate_translation(model, tokenizer, export_translation_to_onnx(model, inputs, folder, args.opset),
+                                    args.atol)  # fmt: skip
+    export_to_onnx(model, inputs, output_names, folder / "model.onnx", args.opset)
+    return validate(model, tokenizer, folder / "model.onnx", output_names, args.atol)
+
+
 def main(argv: list[str] | None = None) -> float:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
     output_dir = Path(args.output_dir)
@@ -136,9 +179,7 @@ def main(argv: list[str] | None = None) -> float:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        export_to_onnx(model, example_inputs(model, tokenizer, SENTENCES[:2]), output_names, partial / "model.onnx",
-                       args.opset)
-        worst = validate(model, tokenizer, partial / "model.onnx", output_names, args.atol)
+        worst = export_and_validate(model, tokenizer, task, output_names, partial, args)
         model.config.save_pretrained(partial)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial / "tokenizer")
@@ -147,7 +188,8 @@ def main(argv: list[str] | None = None) -> float:
         partial.rename(output_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    print(f"Exported {task} to {output_dir / 'model.onnx'} (outputs {', '.join(output_names)}); largest difference "
+    graphs = ", ".join(sorted(path.name for path in output_dir.glob("*.onnx")))
+    print(f"Exported {task} to {output_dir} ({graphs}; outputs {', '.join(output_names)}); largest difference "
           f"from PyTorch over {len(SENTENCES)} sentences, batched and alone: {worst:.2e}")
     return worst
 

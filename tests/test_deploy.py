@@ -333,3 +333,24 @@ def test_the_translation_model_exports_with_its_cache_as_explicit_tensors(tmp_pa
     tokens, _ = greedy_translate(sessions, ids.numpy(), mask.numpy(), config, max_new_tokens=10)
     np.testing.assert_array_equal(tokens, generated.numpy()[:, : tokens.shape[1]])
     assert tokens.shape[1] == generated.shape[1] or (tokens[:, -1] == config.eos_token_id).any()
+
+
+def test_export_script_writes_the_translation_graphs_and_checks_them(folders, tmp_path, capsys):
+    from luna_hf import LunaForConditionalGeneration, LunaSeq2SeqConfig
+
+    _, tokenizer = folders
+    torch.manual_seed(0)
+    config = LunaSeq2SeqConfig(vocab_size=len(tokenizer), hidden_size=16, encoder_layers=1, decoder_layers=2,
+                               num_attention_heads=2, intermediate_size=32, projected_length=4,
+                               max_position_embeddings=64, pad_token_id=1, eos_token_id=2, bos_token_id=0,
+                               decoder_start_token_id=2)  # fmt: skip
+    LunaForConditionalGeneration(config).save_pretrained(tmp_path / "translation")
+    tokenizer.save_pretrained(tmp_path / "translation")
+    output_dir = tmp_path / "translation-onnx"
+    worst = export_onnx.main(["--model_name_or_path", str(tmp_path / "translation"), "--output_dir", str(output_dir)])
+    assert worst <= 1e-4 and "decoder_with_past_model.onnx" in capsys.readouterr().out
+    names = {path.name for path in output_dir.iterdir()}
+    assert {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "config.json"} <= names
+    with pytest.raises(SystemExit, match="--task fill-mask does not fit a 'luna_seq2seq' model"):
+        export_onnx.main(["--model_name_or_path", str(tmp_path / "translation"), "--output_dir", str(tmp_path / "x"),
+                          "--task", "fill-mask"])  # fmt: skip
