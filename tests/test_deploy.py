@@ -195,8 +195,11 @@ def test_export_script_bad_input(folders, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["existing", "roberta"]
     with pytest.raises(SystemExit) as error:
         export_onnx.main(["--model_name_or_path", str(root / "classifier"), "--output_dir", str(tmp_path / "y"),
-                          "--task", "translation"])
+                          "--task", "summarization"])
     assert error.value.code == 2
+    with pytest.raises(SystemExit, match="--task translation does not fit a 'luna' model: use --task auto"):
+        export_onnx.main(["--model_name_or_path", str(root / "classifier"), "--output_dir", str(tmp_path / "y"),
+                          "--task", "translation"])  # fmt: skip
 
 
 def test_torch_compile_fullgraph_dynamic_inference_and_training():

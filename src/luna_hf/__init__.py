@@ -2,8 +2,8 @@
 
 Importing the package registers Luna with the Auto classes, and marks every class for remote code so that saved
 folders carry the model's code (`configuration_luna.py`, `modeling_luna.py`, `modeling_luna_attention.py`,
-`modeling_luna_causal.py`, and `transformers_compat.py`, which lets them load on other transformers releases) and a
-complete `auto_map`. The encoder-decoder translation model has its own config
+`modeling_luna_causal.py`, `modeling_luna_vision.py`, and `transformers_compat.py`, which lets them load on other
+transformers releases) and a complete `auto_map`. The encoder-decoder translation model has its own config
 (`LunaSeq2SeqConfig`, model type `luna_seq2seq`) and files (`configuration_luna_seq2seq.py`,
 `modeling_luna_seq2seq.py`).
 """
@@ -13,6 +13,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
@@ -25,6 +26,7 @@ from .configuration_luna import LunaConfig
 from .conversion import ConversionError, convert_to_luna
 from .configuration_luna_seq2seq import LunaSeq2SeqConfig
 from .modeling_luna import (
+    LunaForImageClassification,
     LunaForMaskedLM,
     LunaForMultipleChoice,
     LunaForQuestionAnswering,
@@ -47,6 +49,7 @@ AUTO_CLASSES = {
     AutoModelForTokenClassification: LunaForTokenClassification,
     AutoModelForMultipleChoice: LunaForMultipleChoice,
     AutoModelForQuestionAnswering: LunaForQuestionAnswering,
+    AutoModelForImageClassification: LunaForImageClassification,
     AutoModelForCausalLM: LunaForCausalLM,
 }
 
@@ -77,6 +80,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "LunaForImageClassification",
     "SUPPORTED_TRANSFORMERS",
     "ConversionError",
     "convert_to_luna",

@@ -108,6 +108,14 @@ class LunaConfig(PreTrainedConfig):
             product within a chunk, running sums across chunks), for both attention types.
         use_cache (`bool`, defaults to `True`): return the running sums (a constant-size cache) for `generate()`.
 
+    Images (`LunaForImageClassification`; a converted ViT, docs/vision.md). With `image_size` set the model reads
+    `pixel_values` instead of token ids: ViT's patch embeddings, [CLS] token and learned positions, then the Luna
+    layers (pre-LayerNorm, as ViT, with `normalize_before=True`):
+        image_size (`int`, defaults to `None`): the side of the square images the positions were learned for; `None`
+            for a text model.
+        patch_size (`int`, defaults to 16): the side of a patch; the image is cut into (image_size / patch_size)^2.
+        num_channels (`int`, defaults to 3): the image's channels.
+
     Example:
 
     ```python
@@ -157,6 +165,9 @@ class LunaConfig(PreTrainedConfig):
         kernel_eps=1e-6,
         type_vocab_size=0,
         position_numbering="padding_offset",
+        image_size=None,
+        patch_size=16,
+        num_channels=3,
         **kwargs,
     ):
         super().__init__(**kwargs)  # first: transformers 4.x's base class sets defaults of its own for some fields
@@ -198,7 +209,11 @@ class LunaConfig(PreTrainedConfig):
         self.kernel_eps = kernel_eps
         self.type_vocab_size = type_vocab_size
         self.position_numbering = position_numbering
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
         self.validate_luna_fields()
+        self.validate_image_fields()
 
     def validate_luna_fields(self):
         """Raise a `ValueError` naming the first invalid field and the values it accepts."""
@@ -296,6 +311,25 @@ class LunaConfig(PreTrainedConfig):
                 'attention_type="learned_kernel" does not have: use classifier_pooling="cls" (the first real '
                 'token) or "mean" (the mean of the real tokens), or attention_type="nested".'
             )
+
+    def validate_image_fields(self):
+        if self.image_size is None:
+            return
+        for name in ("image_size", "patch_size", "num_channels"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or (
+                getattr(self, name) <= 0
+            ):
+                raise ValueError(f"LunaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"LunaConfig.image_size ({self.image_size}) must be a multiple of patch_size "
+                             f"({self.patch_size}): the image is cut into whole patches.")  # fmt: skip
+        if self.is_decoder:
+            raise ValueError("LunaConfig.image_size is for the encoder (images), not is_decoder.")
+
+    @property
+    def num_patches(self) -> int:
+        """Patches of an `image_size` image; with the [CLS] token, the length of the position table."""
+        return (self.image_size // self.patch_size) ** 2
 
     @property
     def max_sequence_length(self) -> int:

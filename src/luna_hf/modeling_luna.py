@@ -38,6 +38,7 @@ from transformers.activations import ACT2FN, gelu
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
+    ImageClassifierOutput,
     MaskedLMOutput,
     ModelOutput,
     MultipleChoiceModelOutput,
@@ -57,6 +58,7 @@ from .modeling_luna_attention import (
     LunaPackAttention,
     LunaUnpackAttention,
 )
+from .modeling_luna_vision import LunaPatchEmbeddings
 from .transformers_compat import OutputRecorder, capture_outputs, create_bidirectional_mask, init, is_tracing
 
 # Saved folders name every Auto class, not only the saved head's, so that `AutoModel`, every head and every pipeline
@@ -69,6 +71,7 @@ LUNA_AUTO_MAP = {
     "AutoModelForTokenClassification": "modeling_luna.LunaForTokenClassification",
     "AutoModelForMultipleChoice": "modeling_luna.LunaForMultipleChoice",
     "AutoModelForQuestionAnswering": "modeling_luna.LunaForQuestionAnswering",
+    "AutoModelForImageClassification": "modeling_luna.LunaForImageClassification",
     "AutoModelForCausalLM": "modeling_luna_causal.LunaForCausalLM",
 }
 # Every file of the model's code. transformers copies only the saved class's file and what it imports, so a folder
@@ -79,6 +82,7 @@ LUNA_CODE_FILES = (
     "modeling_luna.py",
     "modeling_luna_attention.py",
     "modeling_luna_causal.py",
+    "modeling_luna_vision.py",
 )
 
 
@@ -161,6 +165,19 @@ class LunaModelOutput(ModelOutput):
     pack_attentions: tuple[torch.FloatTensor, ...] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def classification_loss(model, labels, logits, **kwargs) -> torch.Tensor:
+    """The sequence and image heads' loss: by `config.problem_type` (decided as transformers decides it when None),
+    transformers' cross-entropy for single-label classification, else `float_label_loss`."""
+    config = model.config
+    if config.problem_type is None:
+        integer = not (labels.is_floating_point() or labels.is_complex())
+        config.problem_type = ("regression" if config.num_labels == 1 else
+                               "single_label_classification" if integer else "multi_label_classification")  # fmt: skip
+    if config.problem_type == "single_label_classification":
+        return model.loss_function(labels, logits, config, **kwargs)
+    return float_label_loss(logits, labels, config.problem_type, kwargs.get("num_items_in_batch"))
 
 
 def float_label_loss(logits, labels, problem_type: str, num_items_in_batch=None) -> torch.Tensor:
@@ -402,12 +419,15 @@ class LunaPreTrainedModel(PreTrainedModel):
     config_class = LunaConfig
     base_model_prefix = "luna"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LunaEmbeddings", "LunaLayer"]
+    _no_split_modules = ["LunaEmbeddings", "LunaPatchEmbeddings", "LunaLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
     # Recorded outputs are inserted in this order; transformers expects `hidden_states`, `attentions` last.
     _can_record_outputs = {
-        "packed_hidden_states": [OutputRecorder(LunaEmbeddings, index=1), OutputRecorder(LunaLayer, index=1)],
+        "packed_hidden_states": [
+            OutputRecorder((LunaEmbeddings, LunaPatchEmbeddings), index=1),
+            OutputRecorder(LunaLayer, index=1),
+        ],
         "pack_attentions": OutputRecorder(LunaPackAttention, index=1),
         "hidden_states": LunaLayer,
         # One recorder, not a list: transformers 5.9 reads a list of two under "attentions" as (self, cross).
@@ -425,8 +445,12 @@ class LunaPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, LunaEmbeddings) and module.projected_embeddings is not None:
+        if isinstance(module, (LunaEmbeddings, LunaPatchEmbeddings)) and module.projected_embeddings is not None:
             init.normal_(module.projected_embeddings, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, LunaPatchEmbeddings):  # ViT's initialisation
+            for parameter in (module.cls_token, module.position_embeddings, module.projection.weight):
+                init.trunc_normal_(parameter, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.projection.bias)
         if isinstance(module, LearnedKernelFeatureMap):
             # The authors' listing: W ~ N(0, 1/d), b = 0; psi's layers as PyTorch's nn.Linear default,
             # U(+-1/sqrt(fan_in)) (fan_in 1 for the hidden layer, kernel_mlp_hidden for the output layer).
@@ -469,7 +493,7 @@ class LunaModel(LunaPreTrainedModel):
         super().__init__(config)
         self.config = config
         self.gradient_checkpointing = False
-        self.embeddings = LunaEmbeddings(config)
+        self.embeddings = LunaPatchEmbeddings(config) if config.image_size else LunaEmbeddings(config)
         self.layers = nn.ModuleList([LunaLayer(config) for _ in range(config.num_hidden_layers)])
         if config.normalize_before:  # pre-LN: the last layer's sums are normalised once more (authors' final LNs)
             self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -478,7 +502,7 @@ class LunaModel(LunaPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self):
-        return self.embeddings.word_embeddings
+        return self.embeddings.projection if self.config.image_size else self.embeddings.word_embeddings
 
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
@@ -491,6 +515,8 @@ class LunaModel(LunaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        interpolate_pos_encoding: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> LunaModelOutput:
         r"""
@@ -504,15 +530,26 @@ class LunaModel(LunaPreTrainedModel):
         token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): BERT's segment ids
             (0 for the first sentence, 1 for the second), for models with `config.type_vocab_size > 0` (a converted
             BERT); all 0 when omitted.
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): the images, for a
+            model with `config.image_size` (instead of the other inputs), as its image processor prepares them.
+        interpolate_pos_encoding (`bool`, defaults to `False`): images of another size than `config.image_size`
+            (whole patches) read the learned positions interpolated to their grid, as ViT's.
         """
-        token_mask = self.validate_inputs(input_ids, attention_mask, inputs_embeds)
-        if token_type_ids is not None and self.config.type_vocab_size == 0:
-            raise ValueError(
-                "token_type_ids were given, but this model has no token-type embeddings (config.type_vocab_size=0, "
-                "as RoBERTa's tokenizer and every Luna pretrained from scratch): leave them out."
+        if self.config.image_size:
+            hidden_states, packed_states, token_mask, slot_mask = self.embed_image(
+                pixel_values, interpolate_pos_encoding, input_ids, inputs_embeds
             )
-        slot_mask = self.projected_slot_mask(token_mask) if self.config.attention_type == "nested" else None
-        hidden_states, packed_states = self.embeddings(input_ids, inputs_embeds, token_mask, slot_mask, token_type_ids)
+        else:
+            token_mask = self.validate_inputs(input_ids, attention_mask, inputs_embeds)
+            if token_type_ids is not None and self.config.type_vocab_size == 0:
+                raise ValueError(
+                    "token_type_ids were given, but this model has no token-type embeddings (config.type_vocab_size="
+                    "0, as RoBERTa's tokenizer and every Luna pretrained from scratch): leave them out."
+                )
+            slot_mask = self.projected_slot_mask(token_mask) if self.config.attention_type == "nested" else None
+            hidden_states, packed_states = self.embeddings(
+                input_ids, inputs_embeds, token_mask, slot_mask, token_type_ids
+            )
 
         if self.config.attention_type == "nested":
             # Pack: P (queries) over X (keys), X's padding masked. Unpack: X over P, P's unused slots masked.
@@ -543,6 +580,18 @@ class LunaModel(LunaPreTrainedModel):
             pooler_output=self.pool(hidden_states, packed_states, token_mask, slot_mask),
             packed_attention_mask=slot_mask,
         )
+
+    def embed_image(self, pixel_values, interpolate_pos_encoding, input_ids, inputs_embeds):
+        """X, P, the token mask (every patch is real) and P's slot mask of a batch of images."""
+        if pixel_values is None or input_ids is not None or inputs_embeds is not None:
+            raise ValueError("This model reads images (config.image_size is set): pass pixel_values only, as its "
+                             "image processor prepares them.")  # fmt: skip
+        height, width = pixel_values.shape[-2:]
+        patches = (height // self.config.patch_size) * (width // self.config.patch_size)
+        token_mask = torch.ones(pixel_values.shape[0], 1 + patches, dtype=torch.long, device=pixel_values.device)
+        slot_mask = self.projected_slot_mask(token_mask) if self.config.attention_type == "nested" else None
+        hidden_states, packed_states = self.embeddings(pixel_values, slot_mask, interpolate_pos_encoding)
+        return hidden_states, packed_states, token_mask, slot_mask
 
     def validate_inputs(self, input_ids, attention_mask, inputs_embeds) -> torch.Tensor:
         """Check the inputs and return the token mask (1 = real token)."""
@@ -706,16 +755,7 @@ class LunaForSequenceClassification(LunaPreTrainedModel):
         (`num_labels == 1`), or multi-hot floats for multi-label classification (`config.problem_type`)."""
         outputs = self.luna(input_ids, attention_mask, inputs_embeds, token_type_ids, return_dict=True, **kwargs)
         logits = self.classifier(outputs)
-        loss = None
-        if labels is not None:
-            if self.config.problem_type is None:  # as transformers decides it
-                integer = not (labels.is_floating_point() or labels.is_complex())
-                self.config.problem_type = ("regression" if self.config.num_labels == 1 else
-                                            "single_label_classification" if integer else "multi_label_classification")
-            if self.config.problem_type == "single_label_classification":
-                loss = self.loss_function(labels, logits, self.config, **kwargs)
-            else:
-                loss = float_label_loss(logits, labels, self.config.problem_type, kwargs.get("num_items_in_batch"))
+        loss = classification_loss(self, labels, logits, **kwargs) if labels is not None else None
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -824,7 +864,42 @@ class LunaForQuestionAnswering(LunaPreTrainedModel):
         )
 
 
+class LunaForImageClassification(LunaPreTrainedModel):
+    """ViT's image classifier on Luna: a linear layer on the final [CLS] state (after the final LayerNorm). Needs
+    `config.image_size`; a converted `ViTForImageClassification` keeps its classifier (`luna_hf.convert_to_luna`)."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: LunaConfig):
+        super().__init__(config)
+        if not config.image_size:
+            raise ValueError("LunaForImageClassification reads images: set config.image_size (with patch_size and "
+                             "num_channels), or convert a ViT with luna_hf.convert_to_luna.")  # fmt: skip
+        self.luna = LunaModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
+        r"""labels (`torch.Tensor` of shape `(batch_size,)`, *optional*): class ids (or float targets, as
+        `LunaForSequenceClassification`'s)."""
+        outputs = self.luna(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                            return_dict=True, **kwargs)  # fmt: skip
+        logits = self.classifier(outputs.last_hidden_state[:, 0])
+        loss = classification_loss(self, labels, logits, **kwargs) if labels is not None else None
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
 __all__ = [
+    "LunaForImageClassification",
     "LunaForMaskedLM",
     "LunaForMultipleChoice",
     "LunaForQuestionAnswering",
