@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 from torch import nn
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
 
 from .conversion import is_transferred_parameter
 from .modeling_luna import LunaModel, LunaPreTrainedModel
@@ -48,15 +48,17 @@ class AttentionTransfer(nn.Module):
         # Not a submodule: the Trainer's checkpoints then hold the student alone, and its optimizer never sees it.
         self.frozen_teacher = (teacher.eval().requires_grad_(False),)
         self.teacher_inputs = None  # the teacher's layer inputs, set per batch
-        student_layers, teacher_layers = student.layers, teacher.encoder.layer
+        student_layers = student.layers
+        teacher_layers = teacher.layers if hasattr(teacher, "layers") else teacher.encoder.layer  # ViT : BERT
         if len(student_layers) != len(teacher_layers):
             raise ValueError(f"The student has {len(student_layers)} layers, the teacher {len(teacher_layers)}.")
         self.teacher_outputs, self.student_outputs = [None] * len(teacher_layers), [None] * len(teacher_layers)
         self.hooks = []  # removed by `remove_hooks()`: afterwards both models compute as they did before
         for index, (student_layer, teacher_layer) in enumerate(zip(student_layers, teacher_layers, strict=True)):
-            # BERT's attention output is its output projection's (`attention.output.dense`), before dropout and the
-            # residual; Luna's is the learned-kernel attention's or the unpack attention's first output.
-            teacher_output = teacher_layer.attention.output.dense
+            # BERT's attention output is its output projection's (`attention.output.dense`; ViT's
+            # `attention.o_proj`), before dropout and the residual; Luna's is the learned-kernel attention's or the
+            # unpack attention's first output.
+            teacher_output = getattr(teacher_layer.attention, "o_proj", None) or teacher_layer.attention.output.dense
             if student.config.attention_type == "learned_kernel":
                 student_attention = student_layer.attention
             else:
@@ -91,17 +93,25 @@ class AttentionTransfer(nn.Module):
         """Dropout stays off: the student imitates the teacher's deterministic attention."""
         return super().train(False)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        teacher = self.frozen_teacher[0].to(input_ids.device)
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None):
+        """Texts (`input_ids`, `attention_mask`, `token_type_ids`) or images (`pixel_values`)."""
+        if pixel_values is not None:
+            teacher_inputs = student_inputs = {"pixel_values": pixel_values}
+            patches = pixel_values.shape[-2] * pixel_values.shape[-1] // self.student.config.patch_size**2
+            attention_mask = torch.ones(pixel_values.shape[0], 1 + patches, device=pixel_values.device)
+        else:
+            teacher_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                teacher_inputs["token_type_ids"] = token_type_ids
+            student_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if self.student.config.type_vocab_size > 0:
+                student_inputs["token_type_ids"] = token_type_ids
+        teacher = self.frozen_teacher[0].to(attention_mask.device)
         weights = self.transfer_loss == "attention_kl"
         with torch.no_grad():
-            teacher_kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            teacher_outputs = teacher(
-                input_ids, attention_mask, output_hidden_states=True, output_attentions=weights, **teacher_kwargs
-            )
+            teacher_outputs = teacher(**teacher_inputs, output_hidden_states=True, output_attentions=weights)
         self.teacher_inputs = teacher_outputs.hidden_states
-        student_kwargs = {"token_type_ids": token_type_ids} if self.student.config.type_vocab_size > 0 else {}
-        student_outputs = self.student(input_ids, attention_mask, output_attentions=weights, **student_kwargs)
+        student_outputs = self.student(**student_inputs, output_attentions=weights)
         real = attention_mask.bool()
         if weights:
             pairs = zip(student_outputs.attentions, teacher_outputs.attentions, strict=True)
@@ -177,6 +187,14 @@ def text_dataset(texts, tokenizer, max_length: int, text_column: str) -> dataset
     return datasets.Dataset.from_dict(columns)  # the Trainer's sampler shuffles singles and pairs together
 
 
+def image_dataset(images: torch.Tensor) -> list[dict]:
+    """Unlabelled images, `pixel_values` as the model's image processor prepares them (batch, channels, h, w)."""
+    if images.dim() != 4 or not images.is_floating_point() or images.shape[0] == 0:
+        raise ValueError("Images for the transfer must be a non-empty float tensor (images, channels, height, width), "
+                         f"as the image processor gives them; got {tuple(images.shape)}, {images.dtype}.")  # fmt: skip
+    return [{"pixel_values": image} for image in images]
+
+
 def is_text(text) -> bool:
     """A non-empty string, or a pair of non-empty strings."""
     if isinstance(text, str):
@@ -221,8 +239,9 @@ def transfer_attention(
     callbacks: list | None = None,
 ) -> AttentionTransferResult:
     """Train `student`'s new attention, in place, to imitate `teacher`'s (the model it was converted from, any head)
-    on `texts`: a list of strings or `(first, second)` pairs (read as a pair task reads them), or a `datasets.Dataset`
-    (`text_column`, or already tokenized by `tokenizer`).
+    on `texts`: a list of strings or `(first, second)` pairs (read as a pair task reads them), a `datasets.Dataset`
+    (`text_column`, or already tokenized by `tokenizer`), or, for a converted ViT, a float tensor of unlabelled images
+    (`pixel_values`, as its image processor prepares them; no tokenizer).
 
         student = convert_to_luna(teacher, tokenizer=tokenizer)
         result = transfer_attention(student, teacher, texts, tokenizer, max_steps=200)
@@ -233,7 +252,10 @@ def transfer_attention(
     `ValueError` before any training for empty texts, fewer texts than one batch, or so few that each would be read
     more than `MAX_PASSES` times. Returns the steps, the mean loss and each batch's per-layer losses.
     """
-    dataset = text_dataset(texts, tokenizer, max_length, text_column)
+    if isinstance(texts, torch.Tensor):
+        dataset, collator = image_dataset(texts), default_data_collator
+    else:
+        dataset, collator = text_dataset(texts, tokenizer, max_length, text_column), DataCollatorWithPadding(tokenizer)
     if training_args is None:
         training_args = TrainingArguments(
             output_dir=tempfile.mkdtemp(prefix="luna-transfer-"), max_steps=max_steps, learning_rate=learning_rate,
@@ -247,7 +269,7 @@ def transfer_attention(
     layer_losses = record_layer_losses(transfer)
     training_args.remove_unused_columns = False
     trainer = Trainer(model=transfer, args=training_args, train_dataset=dataset,
-                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)  # fmt: skip
+                      data_collator=collator, callbacks=callbacks)  # fmt: skip
     try:
         output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:  # the student is left as an ordinary model: no hooks, its parameters as trainable as they were

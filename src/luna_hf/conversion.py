@@ -1,4 +1,4 @@
-"""Turn a pretrained BERT or RoBERTa (MiniLM among them) into a Luna model: `convert_to_luna`.
+"""Turn a pretrained BERT or RoBERTa (MiniLM among them), or a ViT, into a Luna model: `convert_to_luna`.
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from luna_hf import convert_to_luna
@@ -21,6 +21,11 @@ block, attention projections and head; only what the new attention adds is new:
   embeddings), so that each slot first attends as a typical token at its position would. P's LayerNorms copy the
   embeddings' and the attention's.
 
+A ViT (`ViTModel`, `ViTForImageClassification`) becomes a pre-LayerNorm Luna reading images
+(`LunaForImageClassification`): its patch projection, [CLS] token, positions, LayerNorms, attention projections,
+feed-forward blocks and classifier carry over as they are (ViT's optional pooler is dropped); P starts as the
+embedding of a blank patch (the projection's bias) at l positions spread over the grid.
+
 Then `luna_hf.transfer_attention` trains the new attention to imitate the original's. `max_position_embeddings`
 extends the positions for longer inputs by copying the learned ones (Longformer's recipe). docs/conversion.md.
 """
@@ -36,6 +41,7 @@ from transformers import AutoConfig, AutoTokenizer, set_seed
 
 from .configuration_luna import LunaConfig
 from .modeling_luna import (
+    LunaForImageClassification,
     LunaForMaskedLM,
     LunaForMultipleChoice,
     LunaForQuestionAnswering,
@@ -56,9 +62,26 @@ HEADS = {
     "ForMultipleChoice": (LunaForMultipleChoice, "AutoModelForMultipleChoice", "multiple_choice"),
     "ForTokenClassification": (LunaForTokenClassification, "AutoModelForTokenClassification", "token"),
     "ForQuestionAnswering": (LunaForQuestionAnswering, "AutoModelForQuestionAnswering", "question_answering"),
+    "ForImageClassification": (LunaForImageClassification, "AutoModelForImageClassification", "image"),
 }
-FAMILIES = {"bert": "Bert", "roberta": "Roberta"}
-SUPPORTED_ARCHITECTURES = tuple(f"{family}{head}" for family in FAMILIES.values() for head in HEADS)
+FAMILIES = {"bert": "Bert", "roberta": "Roberta", "vit": "ViT"}
+VISION_FAMILIES = ("vit",)
+SUPPORTED_ARCHITECTURES = (
+    *(f"{FAMILIES[family]}{head}" for family in ("bert", "roberta") for head in HEADS if "Image" not in head),
+    "ViTModel",
+    "ViTForImageClassification",
+)
+# Each family's layers (their prefix, then their parts under Luna's roles) as transformers >= 5.9 holds them in
+# memory; BERT's and RoBERTa's names are the same.
+LAYER_PARTS = {
+    "text": {"layers": "encoder.layer", "query": "attention.self.query", "key": "attention.self.key",
+             "value": "attention.self.value", "attention_output": "attention.output.dense",
+             "fc1": "intermediate.dense", "fc2": "output.dense", "attention_layer_norm": "attention.output.LayerNorm",
+             "ffn_layer_norm": "output.LayerNorm"},
+    "vit": {"layers": "layers", "query": "attention.q_proj", "key": "attention.k_proj", "value": "attention.v_proj",
+            "attention_output": "attention.o_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+            "attention_layer_norm": "layernorm_before", "ffn_layer_norm": "layernorm_after"},
+}  # fmt: skip
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -124,8 +147,11 @@ def check_source(source_config, architecture: str, where: str) -> str:
         raise ConversionError(
             f"{where} holds {architecture!r} (model_type {source_config.model_type!r}); the converter supports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}: BERT-style encoders with absolute positions and one set of "
-            "weights per layer (not ALBERT's shared layers, not decoder-only models)."
+            "weights per layer (not ALBERT's shared layers, not decoder-only models), and ViTs (not Swin's windows, "
+            "not DeiT's distillation token)."
         )
+    if source_config.model_type in VISION_FAMILIES:
+        return source_config.model_type
     if getattr(source_config, "is_decoder", False) or getattr(source_config, "add_cross_attention", False):
         raise ConversionError(f"{where} is a decoder or has cross-attention: only encoders convert.")
     position_type = getattr(source_config, "position_embedding_type", "absolute")
@@ -180,6 +206,11 @@ def check_tokenizer(tokenizer, source_config) -> None:
 
 def luna_config(source_config, family: str, attention: str, projected_length: int, kernel_num_projections: int,
                 max_position_embeddings: int | None) -> LunaConfig:  # fmt: skip
+    if family in VISION_FAMILIES:
+        if max_position_embeddings is not None:
+            raise ConversionError("max_position_embeddings extends a text model's positions; a ViT reads other image "
+                                  "sizes with interpolate_pos_encoding=True instead.")  # fmt: skip
+        return vision_config(source_config, attention, projected_length, kernel_num_projections)
     position_numbering = "from_zero" if family == "bert" else "padding_offset"
     max_position_embeddings = max_position_embeddings or source_config.max_position_embeddings
     if max_position_embeddings < source_config.max_position_embeddings:
@@ -221,6 +252,29 @@ def luna_config(source_config, family: str, attention: str, projected_length: in
     return config
 
 
+def vision_config(source_config, attention: str, projected_length: int, kernel_num_projections: int) -> LunaConfig:
+    image_size, patch_size = source_config.image_size, source_config.patch_size
+    if not isinstance(image_size, int) or not isinstance(patch_size, int):
+        raise ConversionError(f"The ViT's image_size {image_size!r} and patch_size {patch_size!r} must be single "
+                              "integers (square images and patches).")  # fmt: skip
+    patches = (image_size // patch_size) ** 2
+    if attention == "nested" and projected_length > patches + 1:
+        raise ConversionError(f"projected_length={projected_length} exceeds the image's {patches + 1} tokens.")
+    return LunaConfig(
+        vocab_size=1, pad_token_id=0, bos_token_id=None, eos_token_id=None, type_vocab_size=0,  # no tokens
+        image_size=image_size, patch_size=patch_size, num_channels=source_config.num_channels,
+        max_position_embeddings=patches + 1, position_numbering="from_zero", normalize_before=True,
+        hidden_size=source_config.hidden_size, num_hidden_layers=source_config.num_hidden_layers,
+        num_attention_heads=source_config.num_attention_heads, intermediate_size=source_config.intermediate_size,
+        hidden_act=source_config.hidden_act, hidden_dropout_prob=source_config.hidden_dropout_prob,
+        attention_probs_dropout_prob=source_config.attention_probs_dropout_prob,
+        initializer_range=source_config.initializer_range, layer_norm_eps=source_config.layer_norm_eps,
+        attention_type=attention, projected_length=projected_length, kernel_num_projections=kernel_num_projections,
+        tie_key_value=False, tie_word_embeddings=False, num_labels=source_config.num_labels,
+        id2label=source_config.id2label, label2id=source_config.label2id, problem_type=source_config.problem_type,
+    )  # fmt: skip
+
+
 def extended_positions(positions: torch.Tensor, config: LunaConfig) -> torch.Tensor:
     """Longformer's recipe: the learned positions repeated until the table has `config.max_position_embeddings` rows,
     so that position k reads the original's k mod n (n = the original's number of real positions). RoBERTa's rows up
@@ -232,7 +286,10 @@ def extended_positions(positions: torch.Tensor, config: LunaConfig) -> torch.Ten
 
 
 def linear(state: dict, source: str, target: str) -> dict:
-    return {f"{target}.weight": state[f"{source}.weight"], f"{target}.bias": state[f"{source}.bias"]}
+    """A linear layer's or LayerNorm's weight and bias (zeros where the source has none: ViT's qkv_bias=False)."""
+    weight = state[f"{source}.weight"]
+    bias = state.get(f"{source}.bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+    return {f"{target}.weight": weight, f"{target}.bias": bias}
 
 
 def embedding_tensors(base: dict, config: LunaConfig) -> dict:
@@ -255,39 +312,56 @@ def embedding_tensors(base: dict, config: LunaConfig) -> dict:
     return tensors
 
 
-def layer_tensors(base: dict, index: int, config: LunaConfig) -> dict:
-    source, target = f"encoder.layer.{index}", f"layers.{index}"
+def vision_embedding_tensors(base: dict, config: LunaConfig) -> dict:
+    positions = base["embeddings.position_embeddings"]
     tensors = {
-        **linear(base, f"{source}.attention.output.LayerNorm", f"{target}.attention_layer_norm"),
-        **linear(base, f"{source}.intermediate.dense", f"{target}.fc1"),
-        **linear(base, f"{source}.output.dense", f"{target}.fc2"),
-        **linear(base, f"{source}.output.LayerNorm", f"{target}.ffn_layer_norm"),
+        "embeddings.cls_token": base["embeddings.cls_token"],
+        "embeddings.position_embeddings": positions,
+        **linear(base, "embeddings.patch_embeddings.projection", "embeddings.projection"),
+        **linear(base, "layernorm", "layer_norm"),  # ViT's final LayerNorm: pre-LN Luna's
     }
-    attention = f"{source}.attention.self"
+    if config.attention_type == "nested":
+        # P: a blank patch (the projection of a zero, i.e. mean, image is its bias) at l positions spread over the
+        # grid, so that the slots first attend as patches in different places would; P's final LayerNorm is X's.
+        spread = 1 + torch.arange(config.projected_length) * config.num_patches // config.projected_length
+        bias = tensors["embeddings.projection.bias"]
+        tensors["embeddings.projected_embeddings"] = bias + positions[0, spread]
+        tensors.update(linear(base, "layernorm", "packed_layer_norm"))
+    return tensors
+
+
+def layer_tensors(base: dict, index: int, config: LunaConfig, parts: dict) -> dict:
+    """Layer `index`'s tensors; `parts` names the source layer's parts (`LAYER_PARTS`)."""
+    source, target = f"{parts['layers']}.{index}", f"layers.{index}"
+    part = {role: f"{source}.{name}" for role, name in parts.items() if role != "layers"}
+    tensors = {}
+    for role in ("attention_layer_norm", "fc1", "fc2", "ffn_layer_norm"):
+        tensors.update(linear(base, part[role], f"{target}.{role}"))
     if config.attention_type == "learned_kernel":
-        for source_name, target_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            tensors.update(linear(base, f"{attention}.{source_name}", f"{target}.attention.{target_name}"))
-        tensors.update(linear(base, f"{source}.attention.output.dense", f"{target}.attention.o_proj"))
+        for role, target_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            tensors.update(linear(base, part[role], f"{target}.attention.{target_name}"))
+        tensors.update(linear(base, part["attention_output"], f"{target}.attention.o_proj"))
         return tensors
 
     # Nested: the pack attention is BERT's attention with P as the queries (no output projection: its raw context,
     # a mix of BERT's values, is what the unpack attention reads).
-    for source_name, target_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        tensors.update(linear(base, f"{attention}.{source_name}", f"{target}.pack_attention.{target_name}"))
-    tensors.update(linear(base, f"{attention}.query", f"{target}.unpack_attention.q_proj"))
-    tensors.update(linear(base, f"{source}.attention.output.dense", f"{target}.unpack_attention.o_proj"))
+    for role, target_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+        tensors.update(linear(base, part[role], f"{target}.pack_attention.{target_name}"))
+    tensors.update(linear(base, part["query"], f"{target}.unpack_attention.q_proj"))
+    tensors.update(linear(base, part["attention_output"], f"{target}.unpack_attention.o_proj"))
     # The unpack values are the context as it is; its keys are BERT's key of the token whose value the context
     # holds: k = W_k x + b_k and v = W_v x + b_v give k = W_k W_v^+ (v - b_v) + b_k (exact where W_v is invertible).
-    key_weight, key_bias = base[f"{attention}.key.weight"].double(), base[f"{attention}.key.bias"].double()
-    value_weight, value_bias = base[f"{attention}.value.weight"].double(), base[f"{attention}.value.bias"].double()
+    key, value = linear(base, part["key"], "key"), linear(base, part["value"], "value")
+    key_weight, key_bias = key["key.weight"].double(), key["key.bias"].double()
+    value_weight, value_bias = value["value.weight"].double(), value["value.bias"].double()
     value_to_key = key_weight @ torch.linalg.pinv(value_weight)
-    dtype = base[f"{attention}.key.weight"].dtype
+    dtype = key["key.weight"].dtype
     tensors[f"{target}.unpack_attention.k_proj.weight"] = value_to_key.to(dtype)
     tensors[f"{target}.unpack_attention.k_proj.bias"] = (key_bias - value_to_key @ value_bias).to(dtype)
     tensors[f"{target}.unpack_attention.v_proj.weight"] = torch.eye(config.hidden_size, dtype=dtype)
     tensors[f"{target}.unpack_attention.v_proj.bias"] = torch.zeros(config.hidden_size, dtype=dtype)
-    # P's residual LayerNorm after the pack attention: the tokens' one after BERT's attention.
-    tensors.update(linear(base, f"{source}.attention.output.LayerNorm", f"{target}.packed_layer_norm"))
+    # P's LayerNorm: the tokens' one at the attention (after it in BERT, before it in ViT).
+    tensors.update(linear(base, part["attention_layer_norm"], f"{target}.packed_layer_norm"))
     return tensors
 
 
@@ -319,6 +393,8 @@ def head_tensors(state: dict, head: str, family: str) -> dict:
         return linear(state, "classifier", "classifier")
     if head == "question_answering":
         return linear(state, "qa_outputs", "qa_outputs")
+    if head == "image":
+        return linear(state, "classifier", "classifier")
     return {}
 
 
@@ -327,9 +403,10 @@ def convert_state_dict(source, architecture: str, family: str, config: LunaConfi
     _, _, head = source_head(architecture, family)
     base_prefix = "" if head == "base" else f"{source.base_model_prefix}."
     base = {name.removeprefix(base_prefix): tensor for name, tensor in state.items() if name.startswith(base_prefix)}
-    tensors = embedding_tensors(base, config)
+    vision = family in VISION_FAMILIES
+    tensors = vision_embedding_tensors(base, config) if vision else embedding_tensors(base, config)
     for index in range(config.num_hidden_layers):
-        tensors.update(layer_tensors(base, index, config))
+        tensors.update(layer_tensors(base, index, config, LAYER_PARTS["vit" if vision else "text"]))
     luna_prefix = "" if head == "base" else "luna."
     converted = {f"{luna_prefix}{name}": tensor for name, tensor in tensors.items()}
     converted.update(head_tensors(state, head, family))
@@ -370,6 +447,8 @@ def convert_to_luna(
         architecture = type(source).__name__
         family = check_source(source.config, architecture, f"The model ({architecture})")
     architecture = type(source).__name__
+    if tokenizer is not None and family in VISION_FAMILIES:
+        raise ConversionError("A ViT reads images, not tokens: pass no tokenizer (keep its image processor).")
     if tokenizer is not None:
         check_tokenizer(tokenizer, source.config)
     config = luna_config(source.config, family, attention, projected_length, kernel_num_projections,
