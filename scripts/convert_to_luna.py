@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Convert a pretrained BERT or RoBERTa checkpoint (a transformers folder) into a Luna model folder: the command line
-of `luna_hf.convert_to_luna`, whose docstring (src/luna_hf/conversion.py) says what is copied and what is new.
+"""Convert a pretrained BERT, RoBERTa or ViT checkpoint (a transformers folder) into a Luna model folder: the command
+line of `luna_hf.convert_to_luna`, whose docstring (src/luna_hf/conversion.py) says what is copied and what is new.
 
     python scripts/convert_to_luna.py --model_name_or_path all-MiniLM-L6-v2 --output_dir minilm-luna \
         --attention learned_kernel
@@ -24,7 +24,7 @@ from luna_hf.conversion import (
     ConversionError,
     convert_to_luna,
     is_new_attention_parameter,
-    load_tokenizer,
+    load_processor,
     read_source_config,
     save_folder,
 )
@@ -79,10 +79,18 @@ def write_card(folder: Path, model, args: Arguments, architecture: str, auto_cla
         limitations=[
             "Not a drop-in replacement before scripts/transfer_attention.py and fine-tuning.",
             "The weights are the original's: its license and terms apply, whatever the license field says.",
-            f"Inputs of at most {config.max_sequence_length} tokens"
-            + (" (positions beyond the original's repeat its learned ones)." if args.max_position_embeddings else "."),
+            inputs_limit(config, args),
         ],
     )  # fmt: skip
+
+
+def inputs_limit(config, args: Arguments) -> str:
+    if config.image_size:
+        side = config.image_size
+        return (f"Images of {side}x{side} pixels; other sizes (whole {config.patch_size}-pixel patches) with "
+                "`interpolate_pos_encoding=True`.")  # fmt: skip
+    return f"Inputs of at most {config.max_sequence_length} tokens" + (
+        " (positions beyond the original's repeat its learned ones)." if args.max_position_embeddings else ".")
 
 
 def convert(args: Arguments) -> Path:
@@ -90,23 +98,25 @@ def convert(args: Arguments) -> Path:
     if output_dir.exists() and not args.overwrite_output_dir:
         raise ConversionError(f"--output_dir {output_dir} exists; pass --overwrite_output_dir to replace it.")
 
-    # Phase 1: check the source, read its tokenizer, convert.
+    # Phase 1: check the source, read its tokenizer (or image processor), convert.
     source_config, architecture = read_source_config(source_dir)
-    tokenizer = load_tokenizer(source_dir, source_config)
+    processor = load_processor(source_dir, source_config)
+    tokenizer = None if source_config.model_type == "vit" else processor
     model = convert_to_luna(source_dir, attention=args.attention, projected_length=args.projected_length,
                             kernel_num_projections=args.kernel_num_projections,
                             max_position_embeddings=args.max_position_embeddings, tokenizer=tokenizer, seed=args.seed)
 
     # Phase 2: save through a staging folder, checked to reload, renamed into place.
     auto_class = AUTO_CLASS_NAMES[type(model).__name__]
-    save_folder(model, tokenizer, output_dir, overwrite=args.overwrite_output_dir,
+    save_folder(model, processor, output_dir, overwrite=args.overwrite_output_dir,
                 write_readme=lambda folder: write_card(folder, model, args, architecture, auto_class))  # fmt: skip
     new_parameters = sum(parameter.numel() for name, parameter in model.named_parameters()
                          if is_new_attention_parameter(name, args.attention))  # fmt: skip
+    side = model.config.image_size
     print(
         f"Converted {architecture} {source_dir} -> {output_dir}: {type(model).__name__}, attention {args.attention}, "
         f"{model.num_parameters() / 1e6:.2f}M parameters ({new_parameters / 1e6:.3f}M new), "
-        f"{model.config.max_sequence_length} positions"
+        + (f"images of {side}x{side}" if side else f"{model.config.max_sequence_length} positions")
     )
     return output_dir
 

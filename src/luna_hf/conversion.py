@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer, set_seed
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, set_seed
 
 from .configuration_luna import LunaConfig
 from .modeling_luna import (
@@ -467,6 +467,17 @@ def convert_to_luna(
     return model.eval()
 
 
+def load_processor(path, source_config):
+    """What prepares a source folder's inputs: its image processor (a ViT; None with a warning if it has none), else
+    its tokenizer (`load_tokenizer`)."""
+    if source_config.model_type not in VISION_FAMILIES:
+        return load_tokenizer(path, source_config)
+    if not (Path(path) / "preprocessor_config.json").is_file():
+        logger.warning("%s has no image processor (preprocessor_config.json): the Luna folder will have none.", path)
+        return None
+    return AutoImageProcessor.from_pretrained(path)
+
+
 def load_tokenizer(path, source_config):
     """A source folder's tokenizer, checked against its model; None (with a warning) if the folder has none."""
     if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
@@ -479,9 +490,9 @@ def load_tokenizer(path, source_config):
 
 
 def save_folder(model, tokenizer, output_dir, overwrite: bool = False, write_readme=None) -> Path:
-    """Save `model` (and `tokenizer`, and `write_readme(folder)`'s card) to `output_dir` through a staging folder
-    beside it, renamed into place only once complete and reloaded to the same tensors: an interrupted or failed save
-    leaves no half-written folder."""
+    """Save `model` (and `tokenizer`, or an image processor, and `write_readme(folder)`'s card) to `output_dir`
+    through a staging folder beside it, renamed into place only once complete and reloaded to the same tensors: an
+    interrupted or failed save leaves no half-written folder."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise ConversionError(f"{output_dir} exists; pass overwrite=True (--overwrite_output_dir) to replace it.")
@@ -513,6 +524,7 @@ __all__ = [
     "TRANSFERRED_PARAMETERS",
     "convert_to_luna",
     "is_new_attention_parameter",
+    "load_processor",
     "save_folder",
     "is_transferred_parameter",
 ]
