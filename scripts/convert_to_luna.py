@@ -46,6 +46,10 @@ class Arguments:
             "more closely after transfer (docs/conversion.md) at the cost of more features per token."
         },
     )
+    kernel_feature_map: Literal["learned", "elu_plus_one"] = field(
+        default="learned",
+        metadata={"help": "learned_kernel only: the learned feature map, or the fixed elu + 1 (a baseline)."},
+    )
     max_position_embeddings: int | None = field(
         default=None,
         metadata={
@@ -104,7 +108,8 @@ def convert(args: Arguments) -> Path:
     tokenizer = None if source_config.model_type == "vit" else processor
     model = convert_to_luna(source_dir, attention=args.attention, projected_length=args.projected_length,
                             kernel_num_projections=args.kernel_num_projections,
-                            max_position_embeddings=args.max_position_embeddings, tokenizer=tokenizer, seed=args.seed)
+                            max_position_embeddings=args.max_position_embeddings, tokenizer=tokenizer, seed=args.seed,
+                            kernel_feature_map=args.kernel_feature_map)
 
     # Phase 2: save through a staging folder, checked to reload, renamed into place.
     auto_class = AUTO_CLASS_NAMES[type(model).__name__]

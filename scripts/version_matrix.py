@@ -10,10 +10,10 @@ The main suite runs on the newest release (the one `pip install -e .` resolves).
 1. for 5.x: runs the model test files (`tests/test_modeling_luna*.py`, `tests/test_learned_kernel.py`) against
    luna_hf from `src/` (PYTHONPATH; nothing of luna_hf is installed in the environment);
 2. for every release: the remote-code round trip. Folders saved here with the newest release (every encoder head,
-   nested and learned kernel; the causal LM, both attentions; the translation model) are loaded there through
-   `trust_remote_code=True` alone and must give the logits saved with them (|difference| <= 1e-5) and the same
-   greedy and beam-search tokens. On 4.57 the encoder heads must, and the causal and translation folders must stop
-   with one error naming the release they need;
+   nested and learned kernel, the image classifier; the causal LM, both attentions; the translation model) are
+   loaded there through `trust_remote_code=True` alone and must give the logits saved with them (|difference| <=
+   1e-5) and the same greedy and beam-search tokens. On 4.57 the encoder heads must, and the causal and translation
+   folders must stop with one error naming the release they need;
 3. with `--gpu_dry_run` (CI: on 5.17.0, with huggingface_hub 1.33: the GPU machine's versions): runs
    `scripts/gpu_run.py --dry_run` there, the GPU command at tiny sizes on the CPU.
 
@@ -52,6 +52,8 @@ ENCODER_KINDS = {  # folder -> (Auto class, LunaConfig overrides)
     "token-classification": ("AutoModelForTokenClassification", {"num_labels": 3}),
     "multiple-choice": ("AutoModelForMultipleChoice", {}),
     "question-answering": ("AutoModelForQuestionAnswering", {"attention_type": "learned_kernel"}),
+    "image-classification": ("AutoModelForImageClassification", {"image_size": 8, "patch_size": 4,
+                                                                 "normalize_before": True}),
 }
 GENERATING_KINDS = {
     "causal-lm": ("AutoModelForCausalLM", {"is_decoder": True}),
@@ -104,6 +106,8 @@ def save_reference_folders(directory: Path) -> None:
         inputs = dict(input_ids=ids, attention_mask=mask)
         if auto_class == "AutoModelForMultipleChoice":
             inputs = {name: tensor[:, None].expand(-1, 3, -1) for name, tensor in inputs.items()}
+        if auto_class == "AutoModelForImageClassification":
+            inputs = dict(pixel_values=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
         reference = dict(auto_class=auto_class, inputs=inputs)
         with torch.no_grad():
             decoder = dict(decoder_input_ids=ids[:, :4]) if overrides is None else {}

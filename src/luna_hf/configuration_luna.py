@@ -22,6 +22,7 @@ PACKED_POOLINGS = ("packed_mean", "packed_max", "packed_attention")  # read the 
 CAUSAL_ACTIVATIONS = ("softplus", "elu")
 ATTENTION_TYPES = ("nested", "learned_kernel")
 KERNEL_ENVELOPES = ("none", "exp_sqnorm")
+KERNEL_FEATURE_MAPS = ("learned", "elu_plus_one")
 POSITION_NUMBERINGS = ("padding_offset", "from_zero")
 
 
@@ -97,6 +98,9 @@ class LunaConfig(PreTrainedConfig):
             initialised to 0: an inferred form, the paper does not give h). It cancels on queries, so it is applied
             to keys only.
         kernel_eps (`float`, defaults to 1e-6): the denominator's floor, in float32.
+        kernel_feature_map (`str`, defaults to `"learned"`): phi itself: `"learned"` (everything above) or
+            `"elu_plus_one"`, the fixed map elu(x) + 1 per head dimension (Katharopoulos et al., 2020; no
+            parameters, the `kernel_*` fields above unused): the fixed linearization the learned one is compared with.
 
     Fields of the causal (decoder-only) Luna of paper §3.3, `LunaForCausalLM`:
         is_decoder (`bool`, defaults to `False`): build the causal model: every layer attends over its own learned P
@@ -163,6 +167,7 @@ class LunaConfig(PreTrainedConfig):
         kernel_nonnegative=True,
         kernel_envelope="none",
         kernel_eps=1e-6,
+        kernel_feature_map="learned",
         type_vocab_size=0,
         position_numbering="padding_offset",
         image_size=None,
@@ -207,6 +212,7 @@ class LunaConfig(PreTrainedConfig):
         self.kernel_nonnegative = kernel_nonnegative
         self.kernel_envelope = kernel_envelope
         self.kernel_eps = kernel_eps
+        self.kernel_feature_map = kernel_feature_map
         self.type_vocab_size = type_vocab_size
         self.position_numbering = position_numbering
         self.image_size = image_size
@@ -305,6 +311,10 @@ class LunaConfig(PreTrainedConfig):
             0.0 < self.kernel_eps < 1.0
         ):
             raise ValueError(f"LunaConfig.kernel_eps must be in (0, 1), got {self.kernel_eps!r}.")
+        if self.kernel_feature_map not in KERNEL_FEATURE_MAPS:
+            raise ValueError(
+                f"LunaConfig.kernel_feature_map must be one of {KERNEL_FEATURE_MAPS}, got {self.kernel_feature_map!r}."
+            )
         if self.attention_type == "learned_kernel" and self.classifier_pooling in PACKED_POOLINGS:
             raise ValueError(
                 f"LunaConfig.classifier_pooling={self.classifier_pooling!r} reads Luna's packed sequence P, which "

@@ -205,12 +205,12 @@ def check_tokenizer(tokenizer, source_config) -> None:
 
 
 def luna_config(source_config, family: str, attention: str, projected_length: int, kernel_num_projections: int,
-                max_position_embeddings: int | None) -> LunaConfig:  # fmt: skip
+                max_position_embeddings: int | None, kernel_feature_map: str = "learned") -> LunaConfig:  # fmt: skip
     if family in VISION_FAMILIES:
         if max_position_embeddings is not None:
             raise ConversionError("max_position_embeddings extends a text model's positions; a ViT reads other image "
                                   "sizes with interpolate_pos_encoding=True instead.")  # fmt: skip
-        return vision_config(source_config, attention, projected_length, kernel_num_projections)
+        return vision_config(source_config, attention, projected_length, kernel_num_projections, kernel_feature_map)
     position_numbering = "from_zero" if family == "bert" else "padding_offset"
     max_position_embeddings = max_position_embeddings or source_config.max_position_embeddings
     if max_position_embeddings < source_config.max_position_embeddings:
@@ -239,6 +239,7 @@ def luna_config(source_config, family: str, attention: str, projected_length: in
         attention_type=attention,
         projected_length=projected_length,
         kernel_num_projections=kernel_num_projections,
+        kernel_feature_map=kernel_feature_map,
         tie_key_value=False,  # BERT's keys and values are separate projections
         tie_word_embeddings=getattr(source_config, "tie_word_embeddings", True),
         num_labels=source_config.num_labels,
@@ -252,7 +253,8 @@ def luna_config(source_config, family: str, attention: str, projected_length: in
     return config
 
 
-def vision_config(source_config, attention: str, projected_length: int, kernel_num_projections: int) -> LunaConfig:
+def vision_config(source_config, attention: str, projected_length: int, kernel_num_projections: int,
+                  kernel_feature_map: str) -> LunaConfig:  # fmt: skip
     image_size, patch_size = source_config.image_size, source_config.patch_size
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
         raise ConversionError(f"The ViT's image_size {image_size!r} and patch_size {patch_size!r} must be single "
@@ -270,8 +272,9 @@ def vision_config(source_config, attention: str, projected_length: int, kernel_n
         attention_probs_dropout_prob=source_config.attention_probs_dropout_prob,
         initializer_range=source_config.initializer_range, layer_norm_eps=source_config.layer_norm_eps,
         attention_type=attention, projected_length=projected_length, kernel_num_projections=kernel_num_projections,
-        tie_key_value=False, tie_word_embeddings=False, num_labels=source_config.num_labels,
-        id2label=source_config.id2label, label2id=source_config.label2id, problem_type=source_config.problem_type,
+        kernel_feature_map=kernel_feature_map, tie_key_value=False, tie_word_embeddings=False,
+        num_labels=source_config.num_labels, id2label=source_config.id2label, label2id=source_config.label2id,
+        problem_type=source_config.problem_type,
     )  # fmt: skip
 
 
@@ -425,6 +428,7 @@ def convert_to_luna(
     max_position_embeddings: int | None = None,
     tokenizer=None,
     seed: int = 0,
+    kernel_feature_map: str = "learned",
 ) -> LunaPreTrainedModel:
     """A Luna model with `model_or_path`'s weights (a BERT or RoBERTa model, or a folder holding one), the head's
     Luna class for the source's head, in eval mode. Only the new attention is new (see the module's docstring).
@@ -434,8 +438,9 @@ def convert_to_luna(
 
     `max_position_embeddings` extends the positions (4096 for a BERT reading 4,096 tokens, 4098 for a RoBERTa); the
     `tokenizer`, if given, is checked against the model and its `model_max_length` set to the new length. `seed`
-    seeds the new parameters' initialisation. Raises `ConversionError` (a `ValueError`), before anything is built,
-    for what cannot convert.
+    seeds the new parameters' initialisation. `kernel_feature_map="elu_plus_one"` gives the learned-kernel layers the
+    fixed map elu + 1 instead (a baseline: nothing new to train). Raises `ConversionError` (a `ValueError`), before
+    anything is built, for what cannot convert.
     """
     if attention not in ATTENTIONS:
         raise ConversionError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
@@ -452,7 +457,7 @@ def convert_to_luna(
     if tokenizer is not None:
         check_tokenizer(tokenizer, source.config)
     config = luna_config(source.config, family, attention, projected_length, kernel_num_projections,
-                         max_position_embeddings)  # fmt: skip
+                         max_position_embeddings, kernel_feature_map)  # fmt: skip
     luna_class, _, _ = source_head(architecture, family)
     set_seed(seed)
     model = luna_class(config)

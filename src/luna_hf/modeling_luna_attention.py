@@ -437,6 +437,18 @@ class LearnedKernelFeatureMap(nn.Module):
         return torch.relu(channels) if self.nonnegative else channels
 
 
+class FixedFeatureMap(nn.Module):
+    """phi(x) = elu(x) + 1 per head dimension (Katharopoulos et al., 2020), `config.kernel_feature_map="elu_plus_one"`:
+    the fixed linearization the learned kernel is measured against (docs/vision.md). No parameters; float32 (float64
+    for float64 states), as the learned map."""
+
+    def __init__(self, config: LunaConfig):
+        super().__init__()
+
+    def forward(self, states: torch.Tensor, is_key: bool = False) -> torch.Tensor:
+        return nn.functional.elu(states.to(torch.promote_types(states.dtype, torch.float32))) + 1
+
+
 class LearnedKernelAttention(nn.Module):
     """Bidirectional learned-kernel attention: a standard multi-head self-attention (query, key, value and output
     projections of the usual shapes, so that a BERT or RoBERTa layer's weights fit) whose softmax is replaced by the
@@ -465,7 +477,7 @@ class LearnedKernelAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.feature_map = LearnedKernelFeatureMap(config)
+        self.feature_map = FEATURE_MAPS[getattr(config, "kernel_feature_map", "learned")](config)
 
     def split_heads(self, states: torch.Tensor) -> torch.Tensor:  # (batch, n, hidden) -> (batch, heads, n, dim)
         return states.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
@@ -495,6 +507,9 @@ class LearnedKernelAttention(nn.Module):
                 scores = query_features @ key_features.mT
                 weights = (scores / scores.sum(dim=-1, keepdim=True).clamp(min=self.eps)).to(value.dtype)
         return self.o_proj(output.transpose(1, 2).flatten(2)), weights
+
+
+FEATURE_MAPS = {"learned": LearnedKernelFeatureMap, "elu_plus_one": FixedFeatureMap}
 
 
 class LearnedKernelCausalAttention(LearnedKernelAttention):

@@ -37,6 +37,7 @@ from .modeling_luna import (
     LunaPreTrainedModel,
 )
 from .modeling_luna_attention import CAUSAL_ATTENTION_CLASSES, TOKEN_COUNT, LunaCache, LunaCacheForGeneration
+from .modeling_luna_vision import LunaPatchEmbeddings  # noqa: F401  (imported by modeling_luna: transformers_compat.py)
 from .transformers_compat import (
     CACHE_OUTPUT_NAME,
     capture_outputs,

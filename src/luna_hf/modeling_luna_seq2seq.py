@@ -49,6 +49,7 @@ from .modeling_luna_attention import (
     LunaPackAttention,
     LunaUnpackAttention,
 )
+from .modeling_luna_vision import LunaPatchEmbeddings  # noqa: F401  (imported by modeling_luna: as above)
 from .transformers_compat import (
     CACHE_OUTPUT_NAME,
     create_bidirectional_mask,
@@ -69,6 +70,7 @@ LUNA_SEQ2SEQ_CODE_FILES = (
     "modeling_luna.py",
     "modeling_luna_attention.py",
     "modeling_luna_seq2seq.py",
+    "modeling_luna_vision.py",
     "transformers_compat.py",
 )
 
