@@ -50,7 +50,7 @@ def random_ids(batch, length, seed=0):
 
 def randomize_envelope(attention, seed=0):
     """gamma starts at 0 (h = 1): give it a value so that the envelope matters."""
-    if attention.feature_map.envelope_scale is not None:
+    if getattr(attention.feature_map, "envelope_scale", None) is not None:
         with torch.no_grad():
             attention.feature_map.envelope_scale.fill_(0.05 + 0.01 * seed)
 
@@ -600,3 +600,22 @@ def test_packed_outputs_are_refused(request_name):
     model = LunaModel(kernel_config())
     with pytest.raises(ValueError, match=f"{request_name}.*output_hidden_states / output_attentions"):
         model(random_ids(1, 5), **{request_name: True})
+
+
+def test_the_fixed_elu_feature_map_is_katharopoulos_linear_attention():
+    """kernel_feature_map="elu_plus_one": A_ij = mu_j phi(q_i)^T phi(k_j) / sum_l ..., phi = elu + 1 per head
+    dimension, written here from the layer's projections; no feature-map parameters."""
+    attention = attention_module(LearnedKernelAttention, seed=4, kernel_feature_map="elu_plus_one")
+    assert not list(attention.feature_map.parameters())
+    hidden_states = torch.randn(2, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    token_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    q, k, v = reference_heads(attention, hidden_states)
+    phi_q, phi_k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    kernel = (phi_q @ phi_k.mT) * token_mask[:, None, None, :]
+    expected = attention.o_proj(((kernel / kernel.sum(-1, keepdim=True)) @ v).transpose(1, 2).flatten(2))
+    with torch.no_grad():
+        actual, _ = attention(hidden_states, token_mask)
+    real = token_mask.bool()
+    torch.testing.assert_close(actual[real], expected[real], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="kernel_feature_map must be one of"):
+        kernel_config(kernel_feature_map="relu")
