@@ -12,7 +12,8 @@
 #     reused by every task), then finetuned on the task exactly like the teacher (no distillation).
 #
 # ATTENTIONS="learned_kernel" (default "learned_kernel nested") picks the converted models; ATTENTIONS="" trains the
-# teacher only. Each model's dev result is appended to benchmarks/results/glue/<task>.jsonl (settings, seed, metrics,
+# teacher only. TRANSFER_STEPS overrides the transfer's steps (a transferred folder already there is reused: delete
+# it to transfer again). Each model's dev result is appended to benchmarks/results/glue/<task>.jsonl (settings, seed, metrics,
 # wall time) once; scripts/glue_report.py makes the table. One torch thread per run. A finished step is skipped when
 # the command is run again.
 set -euo pipefail
@@ -28,7 +29,8 @@ case $task in  # the training subset, the evaluation set, the length, the texts 
   *) echo "unknown task $task (sst2, qnli, qqp)" >&2; exit 2 ;;
 esac
 steps=300 batch=32 learning_rate=1e-4
-if [ -n "$corpus" ]; then transfer_steps=1200 transfer_length=128 route=general; else transfer_steps=200 route=posthoc; fi
+if [ -n "$corpus" ]; then transfer_steps=${TRANSFER_STEPS:-1200} transfer_length=128 route=general
+else transfer_steps=${TRANSFER_STEPS:-200} route=posthoc; fi
 run=$out/$task-seed$seed
 mkdir -p "$run" benchmarks/results/glue
 
