@@ -18,6 +18,8 @@ import torch
 from datasets import load_dataset
 from huggingface_hub import ModelCard
 
+from luna_hf.image_sources import read_idx
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -211,7 +213,7 @@ def test_image_builder_pads_to_32x32(built, sources):
     data = load_splits(built["image"])
     assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (270, 30, 90)
     test = np.array(data["test"]["pixels"]).reshape(-1, 32, 32)
-    original = build_data.read_idx(sources["fashion"] / "t10k-images-idx3-ubyte.gz")
+    original = read_idx(sources["fashion"] / "t10k-images-idx3-ubyte.gz")
     np.testing.assert_array_equal(test[:, 2:30, 2:30], original)
     assert test[:, :2].max() == 0 and test[:, :, 30:].max() == 0
     assert data["test"]["label"] == list(np.arange(90) % 3)

