@@ -3,8 +3,8 @@
 
     python scripts/glue_report.py --output benchmarks/results/glue/table.md
 
-One row per task and model: the metric per seed, the mean and sample standard deviation over the seeds, and the mean
-as a share of the teacher's (MiniLM's) mean on the same task and seeds. QQP reports accuracy and F1 (GLUE's pair).
+One row per task and model: the metric per seed, the mean and sample standard deviation over the seeds, the mean
+as a share of the teacher's (MiniLM's) mean on the same task and seeds, and the attention transfer's steps. QQP reports accuracy and F1 (GLUE's pair).
 When a task's records were finetuned at more than one budget (steps, batch, learning rate, length, evaluation set),
 the table says so rather than mixing them; the attention transfer's settings belong to each row's model.
 """
@@ -45,10 +45,14 @@ def table(records: list[dict]) -> str:
     """The markdown table: per task, per model, per metric."""
     results = defaultdict(dict)  # (task, model) -> {seed: metrics}
     settings = defaultdict(set)
+    transfer_steps = defaultdict(set)  # (task, model) -> the attention transfer's steps (none for the teacher)
     for record in records:
         results[record["task"], record["model"]][record["seed"]] = record["metrics"]
+        if record["model"] != TEACHER:
+            transfer_steps[record["task"], record["model"]].add(record["settings"].get("transfer_steps", 200))
         settings[record["task"]].add(tuple(record["settings"].get(key) for key in BUDGET))
-    lines = ["| task | model | metric | per seed (%) | mean ± sd (%) | of the teacher |", "|---|---|---|---|---:|---:|"]
+    lines = ["| task | model | metric | per seed (%) | mean ± sd (%) | of the teacher | transfer steps |",
+             "|---|---|---|---|---:|---:|---:|"]
     for task in [task for task in METRICS if any(key[0] == task for key in results)]:
         teacher = results.get((task, TEACHER), {})
         for model in [model for model in MODELS if (task, model) in results]:
@@ -63,9 +67,11 @@ def table(records: list[dict]) -> str:
                     share = f"{100 * ours / statistics.mean(teacher[seed][metric] for seed in shared):.1f}%"
                 per_seed = ", ".join(f"{seed}: {100 * value:.2f}" for seed, value in zip(seeds, values, strict=True))
                 name = metric.removeprefix("eval_")
-                lines.append(f"| {task} | {MODELS[model]} | {name} | {per_seed} | {summary(values)} | {share} |")
+                steps = ", ".join(str(step) for step in sorted(transfer_steps[task, model]))
+                cells = [task, MODELS[model], name, per_seed, summary(values), share, steps]
+                lines.append("| " + " | ".join(cells) + " |")
         if len(settings[task]) > 1:
-            lines.append(f"| {task} | **the records mix {len(settings[task])} budgets** | | | | |")
+            lines.append(f"| {task} | **the records mix {len(settings[task])} budgets** | | | | | |")
     return "\n".join(lines) + "\n"
 
 

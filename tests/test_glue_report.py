@@ -39,6 +39,7 @@ def test_means_spreads_and_shares_of_the_teacher(tmp_path):
     assert "63.00 |" in f1 and f"{100 * 0.63 / 0.70:.1f}%" in f1  # one seed: no spread
     general = rows["qqp", glue_report.MODELS["nested_general"], "f1"]
     assert "56.00 |" in general and f"{100 * 0.56 / 0.70:.1f}%" in general and "mix" not in text
+    assert general.endswith("| 1200 |") and rows["qqp", glue_report.MODELS["learned_kernel"], "f1"].endswith("| 200 |")
     assert (tmp_path / "table.md").read_text() == text
 
 
