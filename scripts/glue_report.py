@@ -4,9 +4,10 @@
     python scripts/glue_report.py --output benchmarks/results/glue/table.md
 
 One row per task and model: the metric per seed, the mean and sample standard deviation over the seeds, the mean
-as a share of the teacher's (MiniLM's) mean on the same task and seeds, and the attention transfer's steps. QQP reports accuracy and F1 (GLUE's pair).
-When a task's records were finetuned at more than one budget (steps, batch, learning rate, length, evaluation set),
-the table says so rather than mixing them; the attention transfer's settings belong to each row's model.
+as a share of the teacher's (MiniLM's) mean on the same task and seeds, and the attention transfer's steps. QQP
+reports accuracy and F1 (GLUE's pair). When a task's records were finetuned at more than one budget (steps, batch,
+learning rate, length, evaluation set), the table says so rather than mixing them; the attention transfer's settings
+belong to each row's model.
 """
 
 import argparse
