@@ -295,7 +295,8 @@ PRE_LN_LEARNED = dict(normalize_before=True, tie_key_value=False, position_embed
                       dynamic_projection=False)
 
 
-@pytest.mark.parametrize("variant", [{}, PRE_LN_LEARNED])
+# P longer than the traced sources (the eager encoder cuts it, the exported one keeps all l slots), and as long.
+@pytest.mark.parametrize("variant", [dict(projected_length=12), PRE_LN_LEARNED])
 def test_the_translation_model_exports_with_its_cache_as_explicit_tensors(tmp_path, variant):
     """Encoder, first decoding step and later steps as three ONNX graphs (the cache in and out as tensors); in
     onnxruntime, on a batch and source length other than the traced ones: every step's logits and the greedy tokens
@@ -304,9 +305,9 @@ def test_the_translation_model_exports_with_its_cache_as_explicit_tensors(tmp_pa
     from luna_hf.onnx_export import export_translation_to_onnx, greedy_translate
 
     torch.manual_seed(0)
-    config = LunaSeq2SeqConfig(vocab_size=30, hidden_size=16, encoder_layers=2, decoder_layers=2, num_attention_heads=2,
-                               intermediate_size=32, projected_length=4, max_position_embeddings=40,
-                               hidden_dropout_prob=0.0, **variant)  # fmt: skip
+    config = LunaSeq2SeqConfig(**{**dict(vocab_size=30, hidden_size=16, encoder_layers=2, decoder_layers=2,
+                                         num_attention_heads=2, intermediate_size=32, projected_length=4,
+                                         max_position_embeddings=40, hidden_dropout_prob=0.0), **variant})  # fmt: skip
     model = LunaForConditionalGeneration(config).eval()
     with torch.no_grad():  # away from the initial LayerNorms and zero biases, so that a misplaced one shows
         for name, parameter in model.named_parameters():

@@ -224,3 +224,22 @@ def test_image_classification_head_learns_a_tiny_batch_and_round_trips(tmp_path)
     reloaded = LunaForImageClassification.from_pretrained(tmp_path / "model").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=pixel_values).logits, model.eval()(pixel_values).logits)
+
+
+def test_what_an_image_model_cannot_do_is_refused_with_what_to_do(tmp_path):
+    fixed = luna_hf.convert_to_luna(tiny_vit(ViTModel), kernel_feature_map="elu_plus_one")
+    with pytest.raises(ValueError, match="nothing new to train.*without a transfer"):
+        luna_hf.transfer_attention(fixed, tiny_vit(ViTModel), torch.randn(64, 3, 16, 16))
+    with pytest.raises(ValueError, match='feature map of the learned-kernel attention: set attention_type="learned'):
+        luna_hf.convert_to_luna(tiny_vit(), attention="nested", kernel_feature_map="elu_plus_one")
+    luna = luna_hf.convert_to_luna(tiny_vit())
+    projection = nn.Conv2d(3, 32, 4, stride=4)
+    luna.set_input_embeddings(projection)
+    assert luna.get_input_embeddings() is projection and luna.luna.embeddings.projection is projection
+    luna.save_pretrained(tmp_path / "luna")
+    spec = importlib.util.spec_from_file_location("export_onnx", ROOT / "scripts" / "export_onnx.py")
+    export_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_script)
+    with pytest.raises(SystemExit, match="is an image model; this script exports text models"):
+        export_script.main(["--model_name_or_path", str(tmp_path / "luna"), "--output_dir", str(tmp_path / "onnx")])
+    assert not (tmp_path / "onnx").exists()

@@ -208,17 +208,17 @@ def is_text(text) -> bool:
 MAX_PASSES = 4
 
 
-def check_enough_texts(texts: int, training_args: TrainingArguments) -> None:
+def check_enough_texts(count: int, training_args: TrainingArguments, noun: str = "texts") -> None:
     batch = training_args.per_device_train_batch_size
-    if texts < batch:
-        raise ValueError(f"{texts} texts are fewer than one batch of {batch}: give more texts (a few hundred at "
+    if count < batch:
+        raise ValueError(f"{count} {noun} are fewer than one batch of {batch}: give more {noun} (a few hundred at "
                          "least) or a smaller batch size.")  # fmt: skip
     read = training_args.max_steps * batch * training_args.gradient_accumulation_steps
-    if read > MAX_PASSES * texts:
+    if read > MAX_PASSES * count:
         raise ValueError(
-            f"{texts} texts are too few for {training_args.max_steps} steps of {read // training_args.max_steps} "
-            f"texts: each would be read {read / texts:.0f} times (at most {MAX_PASSES}). Give at least "
-            f"{-(-read // MAX_PASSES)} texts, or fewer steps (max_steps <= {MAX_PASSES * texts // batch})."
+            f"{count} {noun} are too few for {training_args.max_steps} steps of {read // training_args.max_steps} "
+            f"{noun}: each would be read {read / count:.0f} times (at most {MAX_PASSES}). Give at least "
+            f"{-(-read // MAX_PASSES)} {noun}, or fewer steps (max_steps <= {MAX_PASSES * count // batch})."
         )
 
 
@@ -252,6 +252,10 @@ def transfer_attention(
     `ValueError` before any training for empty texts, fewer texts than one batch, or so few that each would be read
     more than `MAX_PASSES` times. Returns the steps, the mean loss and each batch's per-layer losses.
     """
+    if getattr(student.config, "kernel_feature_map", "learned") != "learned":
+        feature_map = student.config.kernel_feature_map
+        raise ValueError(f"This model's attention has nothing new to train (the fixed feature map {feature_map!r}): "
+                         "finetune it directly, without a transfer.")  # fmt: skip
     if isinstance(texts, torch.Tensor):
         dataset, collator = image_dataset(texts), default_data_collator
     else:
@@ -262,7 +266,7 @@ def transfer_attention(
             per_device_train_batch_size=batch_size, seed=seed, save_strategy="no", report_to=[],
             logging_steps=max(1, max_steps // 20),
         )  # fmt: skip
-    check_enough_texts(len(dataset), training_args)
+    check_enough_texts(len(dataset), training_args, "images" if isinstance(texts, torch.Tensor) else "texts")
     trainable = {name: parameter.requires_grad for name, parameter in student.named_parameters()}
     trained = freeze_all_but_new_attention(student)
     transfer = AttentionTransfer(student.base_model, getattr(teacher, "base_model", teacher), transfer_loss)

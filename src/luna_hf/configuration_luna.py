@@ -315,6 +315,9 @@ class LunaConfig(PreTrainedConfig):
             raise ValueError(
                 f"LunaConfig.kernel_feature_map must be one of {KERNEL_FEATURE_MAPS}, got {self.kernel_feature_map!r}."
             )
+        if self.kernel_feature_map != "learned" and self.attention_type != "learned_kernel":
+            raise ValueError(f"LunaConfig.kernel_feature_map={self.kernel_feature_map!r} is a feature map of the "
+                             'learned-kernel attention: set attention_type="learned_kernel", or leave it "learned".')
         if self.attention_type == "learned_kernel" and self.classifier_pooling in PACKED_POOLINGS:
             raise ValueError(
                 f"LunaConfig.classifier_pooling={self.classifier_pooling!r} reads Luna's packed sequence P, which "

@@ -291,7 +291,7 @@ def extended_positions(positions: torch.Tensor, config: LunaConfig) -> torch.Ten
 def linear(state: dict, source: str, target: str) -> dict:
     """A linear layer's or LayerNorm's weight and bias (zeros where the source has none: ViT's qkv_bias=False)."""
     weight = state[f"{source}.weight"]
-    bias = state.get(f"{source}.bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+    bias = state.get(f"{source}.bias", torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
     return {f"{target}.weight": weight, f"{target}.bias": bias}
 
 

@@ -505,7 +505,10 @@ class LunaModel(LunaPreTrainedModel):
         return self.embeddings.projection if self.config.image_size else self.embeddings.word_embeddings
 
     def set_input_embeddings(self, value):
-        self.embeddings.word_embeddings = value
+        if self.config.image_size:
+            self.embeddings.projection = value
+        else:
+            self.embeddings.word_embeddings = value
 
     @pack_attentions_follow_output_attentions
     @capture_outputs

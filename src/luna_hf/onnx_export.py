@@ -92,6 +92,15 @@ def state_names(config) -> list[str]:
     return [f"{layer}.{kind}" for layer in range(config.decoder_layers) for kind in kinds]
 
 
+def full_length_packed(encoded: tuple, projected_length: int) -> tuple:
+    """The eager encoder cuts P to the longest source (dynamic projection); the exported one keeps all l slots, masked
+    beyond each row's length, so the decoder steps are traced on P padded to l (zero states, mask 0)."""
+    last_hidden_state, packed, packed_mask = encoded
+    missing = projected_length - packed.shape[1]
+    packed, packed_mask = nn.functional.pad(packed, (0, 0, 0, missing)), nn.functional.pad(packed_mask, (0, missing))
+    return last_hidden_state, packed, packed_mask
+
+
 def export_translation_to_onnx(model, inputs: dict, folder, opset: int | None = None) -> dict[str, Path]:
     """Write `encoder_model.onnx`, `decoder_model.onnx` (the first step) and `decoder_with_past_model.onnx` (every
     later step) of a `LunaForConditionalGeneration` to `folder`, traced on `inputs` (the source's input_ids and
@@ -107,7 +116,7 @@ def export_translation_to_onnx(model, inputs: dict, folder, opset: int | None = 
     source_shapes = {"input_ids": {0: batch, 1: source}, "attention_mask": {0: batch, 1: source}}
     paths = {name: folder / f"{name}.onnx" for name in ("encoder_model", "decoder_model", "decoder_with_past_model")}
     with torch.no_grad():
-        encoded = TranslationEncoder(model)(**inputs)
+        encoded = full_length_packed(TranslationEncoder(model)(**inputs), config.projected_length)
     torch.onnx.export(TranslationEncoder(model), (), kwargs=dict(inputs), dynamic_shapes=source_shapes,
                       input_names=list(inputs), output_names=ENCODER_OUTPUTS, opset_version=opset, dynamo=True,
                       verbose=False).save(str(paths["encoder_model"]))  # fmt: skip
@@ -138,7 +147,8 @@ def export_translation_to_onnx(model, inputs: dict, folder, opset: int | None = 
 def greedy_translate(sessions: dict, input_ids, attention_mask, config, max_new_tokens: int, forced_tokens=None):
     """Greedy decoding with the three onnxruntime sessions of `export_translation_to_onnx` (numpy in and out), as
     `generate(num_beams=1, do_sample=False)` decodes: the tokens after `config.decoder_start_token_id`, a finished
-    row (`config.eos_token_id`) continuing with `config.pad_token_id`. `forced_tokens` (batch, steps) are fed instead
+    row (`config.eos_token_id`) continuing with `config.pad_token_id`; a generation_config's other rules (forced
+    tokens, n-gram bans, minimum length) are not applied. `forced_tokens` (batch, steps) are fed instead
     of the argmax (scoring a given translation). Returns the tokens (batch, steps) and each step's logits (batch,
     steps, vocab)."""
     import numpy as np
@@ -149,8 +159,11 @@ def greedy_translate(sessions: dict, input_ids, attention_mask, config, max_new_
     start = np.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=np.int64)
     outputs = sessions["decoder_model"].run(None, {**feed, "decoder_input_ids": start,
                                                    "encoder_hidden_states": last_hidden_state})  # fmt: skip
+    steps = max_new_tokens if forced_tokens is None else forced_tokens.shape[1]
+    if steps == 0:
+        return np.zeros((input_ids.shape[0], 0), np.int64), np.zeros((input_ids.shape[0], 0, config.vocab_size))
     tokens, scores, finished = [], [], np.zeros(input_ids.shape[0], dtype=bool)
-    for step in range(max_new_tokens if forced_tokens is None else forced_tokens.shape[1]):
+    for step in range(steps):
         logits, present = outputs[0], outputs[1:]
         if forced_tokens is None:
             new = np.where(finished, config.pad_token_id, logits.argmax(-1))

@@ -126,7 +126,7 @@ SENTENCE_END = re.compile(r"(?<=[.!?])[\"')]?\s+(?=[\"'(]?[A-Z])")
 
 def passages(documents, seed: int = 0) -> list:
     """Cut documents into what sentence-level tasks read, for an attention transfer on general text: in equal shares,
-    single sentences (SST-2), passages of 2 to 5 sentences (QNLI's), and pairs `(first, second)` of a sentence and the
+    single sentences (SST-2), passages of 2 to 4 sentences (QNLI's), and pairs `(first, second)` of a sentence and the
     1 to 3 that follow it (QNLI, QQP: the model reads them as a pair, `[SEP]` and segment ids included). Sentences
     under 3 words are dropped. The order is shuffled with `seed`."""
     rng = random.Random(seed)

@@ -43,6 +43,7 @@ except ImportError:  # transformers 4.x initialises only the weights a checkpoin
         zeros_=torch.nn.init.zeros_,
         ones_=torch.nn.init.ones_,
         xavier_uniform_=torch.nn.init.xavier_uniform_,
+        trunc_normal_=torch.nn.init.trunc_normal_,
     )
 
 try:
