@@ -21,6 +21,7 @@ from transformers import HfArgumentParser
 
 from luna_hf.conversion import (
     AUTO_CLASS_NAMES,
+    VISION_FAMILIES,
     ConversionError,
     convert_to_luna,
     is_new_attention_parameter,
@@ -105,7 +106,7 @@ def convert(args: Arguments) -> Path:
     # Phase 1: check the source, read its tokenizer (or image processor), convert.
     source_config, architecture = read_source_config(source_dir)
     processor = load_processor(source_dir, source_config)
-    tokenizer = None if source_config.model_type == "vit" else processor
+    tokenizer = None if source_config.model_type in VISION_FAMILIES else processor
     model = convert_to_luna(source_dir, attention=args.attention, projected_length=args.projected_length,
                             kernel_num_projections=args.kernel_num_projections,
                             max_position_embeddings=args.max_position_embeddings, tokenizer=tokenizer, seed=args.seed,

@@ -97,8 +97,6 @@ class AttentionTransfer(nn.Module):
         """Texts (`input_ids`, `attention_mask`, `token_type_ids`) or images (`pixel_values`)."""
         if pixel_values is not None:
             teacher_inputs = student_inputs = {"pixel_values": pixel_values}
-            patches = pixel_values.shape[-2] * pixel_values.shape[-1] // self.student.config.patch_size**2
-            attention_mask = torch.ones(pixel_values.shape[0], 1 + patches, device=pixel_values.device)
         else:
             teacher_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if token_type_ids is not None:
@@ -106,13 +104,17 @@ class AttentionTransfer(nn.Module):
             student_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if self.student.config.type_vocab_size > 0:
                 student_inputs["token_type_ids"] = token_type_ids
-        teacher = self.frozen_teacher[0].to(attention_mask.device)
+        device = (input_ids if pixel_values is None else pixel_values).device
+        teacher = self.frozen_teacher[0].to(device)
         weights = self.transfer_loss == "attention_kl"
         with torch.no_grad():
             teacher_outputs = teacher(**teacher_inputs, output_hidden_states=True, output_attentions=weights)
         self.teacher_inputs = teacher_outputs.hidden_states
         student_outputs = self.student(**student_inputs, output_attentions=weights)
-        real = attention_mask.bool()
+        if pixel_values is None:
+            real = attention_mask.bool()
+        else:  # every image token is real: [CLS] and the patches
+            real = torch.ones(student_outputs.last_hidden_state.shape[:2], dtype=torch.bool, device=device)
         if weights:
             pairs = zip(student_outputs.attentions, teacher_outputs.attentions, strict=True)
             layer_losses = torch.stack([attention_kl(student, teacher, real) for student, teacher in pairs])

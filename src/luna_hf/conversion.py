@@ -204,14 +204,22 @@ def check_tokenizer(tokenizer, source_config) -> None:
 # The Luna configuration and tensors
 
 
-def luna_config(source_config, family: str, attention: str, projected_length: int, kernel_num_projections: int,
-                max_position_embeddings: int | None, kernel_feature_map: str = "learned") -> LunaConfig:  # fmt: skip
+# The fields every source family carries over as they are.
+SHARED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
+                 "num_labels", "id2label", "label2id", "problem_type")  # fmt: skip
+
+
+def luna_config(source_config, family: str, attention: dict, max_position_embeddings: int | None) -> LunaConfig:
+    """The Luna config of `source_config`; `attention`: attention_type, projected_length, kernel_num_projections,
+    kernel_feature_map."""
+    shared = {name: getattr(source_config, name) for name in SHARED_FIELDS}
+    shared.update(attention, tie_key_value=False)  # the source's keys and values are separate projections
     if family in VISION_FAMILIES:
         if max_position_embeddings is not None:
             raise ConversionError("max_position_embeddings extends a text model's positions; a ViT reads other image "
                                   "sizes with interpolate_pos_encoding=True instead.")  # fmt: skip
-        return vision_config(source_config, attention, projected_length, kernel_num_projections, kernel_feature_map)
-    position_numbering = "from_zero" if family == "bert" else "padding_offset"
+        return vision_config(source_config, shared)
     max_position_embeddings = max_position_embeddings or source_config.max_position_embeddings
     if max_position_embeddings < source_config.max_position_embeddings:
         raise ConversionError(
@@ -219,62 +227,36 @@ def luna_config(source_config, family: str, attention: str, projected_length: in
             f"{source_config.max_position_embeddings}: it can only extend the positions."
         )
     config = LunaConfig(
+        **shared,
         vocab_size=source_config.vocab_size,
-        hidden_size=source_config.hidden_size,
-        num_hidden_layers=source_config.num_hidden_layers,
-        num_attention_heads=source_config.num_attention_heads,
-        intermediate_size=source_config.intermediate_size,
-        hidden_act=source_config.hidden_act,
-        hidden_dropout_prob=source_config.hidden_dropout_prob,
-        attention_probs_dropout_prob=source_config.attention_probs_dropout_prob,
         classifier_dropout=getattr(source_config, "classifier_dropout", None),
         max_position_embeddings=max_position_embeddings,
-        initializer_range=source_config.initializer_range,
-        layer_norm_eps=source_config.layer_norm_eps,
         pad_token_id=source_config.pad_token_id,
         bos_token_id=getattr(source_config, "bos_token_id", None),
         eos_token_id=getattr(source_config, "eos_token_id", None),
         type_vocab_size=source_config.type_vocab_size,
-        position_numbering=position_numbering,
-        attention_type=attention,
-        projected_length=projected_length,
-        kernel_num_projections=kernel_num_projections,
-        kernel_feature_map=kernel_feature_map,
-        tie_key_value=False,  # BERT's keys and values are separate projections
+        position_numbering="from_zero" if family == "bert" else "padding_offset",
         tie_word_embeddings=getattr(source_config, "tie_word_embeddings", True),
-        num_labels=source_config.num_labels,
-        id2label=source_config.id2label,
-        label2id=source_config.label2id,
-        problem_type=source_config.problem_type,
     )
-    if attention == "nested" and projected_length > config.max_sequence_length:
-        raise ConversionError(f"projected_length={projected_length} exceeds the {config.max_sequence_length} "
+    if config.attention_type == "nested" and config.projected_length > config.max_sequence_length:
+        raise ConversionError(f"projected_length={config.projected_length} exceeds the {config.max_sequence_length} "
                               "positions that initialise P.")  # fmt: skip
     return config
 
 
-def vision_config(source_config, attention: str, projected_length: int, kernel_num_projections: int,
-                  kernel_feature_map: str) -> LunaConfig:  # fmt: skip
+def vision_config(source_config, shared: dict) -> LunaConfig:
     image_size, patch_size = source_config.image_size, source_config.patch_size
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
         raise ConversionError(f"The ViT's image_size {image_size!r} and patch_size {patch_size!r} must be single "
                               "integers (square images and patches).")  # fmt: skip
-    patches = (image_size // patch_size) ** 2
-    if attention == "nested" and projected_length > patches + 1:
-        raise ConversionError(f"projected_length={projected_length} exceeds the image's {patches + 1} tokens.")
+    tokens = (image_size // patch_size) ** 2 + 1  # the patches and [CLS]
+    if shared["attention_type"] == "nested" and shared["projected_length"] > tokens:
+        raise ConversionError(f"projected_length={shared['projected_length']} exceeds the image's {tokens} tokens.")
     return LunaConfig(
-        vocab_size=1, pad_token_id=0, bos_token_id=None, eos_token_id=None, type_vocab_size=0,  # no tokens
+        **shared, vocab_size=1, pad_token_id=0, bos_token_id=None, eos_token_id=None, type_vocab_size=0,  # no tokens
         image_size=image_size, patch_size=patch_size, num_channels=source_config.num_channels,
-        max_position_embeddings=patches + 1, position_numbering="from_zero", normalize_before=True,
-        hidden_size=source_config.hidden_size, num_hidden_layers=source_config.num_hidden_layers,
-        num_attention_heads=source_config.num_attention_heads, intermediate_size=source_config.intermediate_size,
-        hidden_act=source_config.hidden_act, hidden_dropout_prob=source_config.hidden_dropout_prob,
-        attention_probs_dropout_prob=source_config.attention_probs_dropout_prob,
-        initializer_range=source_config.initializer_range, layer_norm_eps=source_config.layer_norm_eps,
-        attention_type=attention, projected_length=projected_length, kernel_num_projections=kernel_num_projections,
-        kernel_feature_map=kernel_feature_map, tie_key_value=False, tie_word_embeddings=False,
-        num_labels=source_config.num_labels, id2label=source_config.id2label, label2id=source_config.label2id,
-        problem_type=source_config.problem_type,
+        max_position_embeddings=tokens, position_numbering="from_zero", normalize_before=True,
+        tie_word_embeddings=False,
     )  # fmt: skip
 
 
@@ -456,8 +438,9 @@ def convert_to_luna(
         raise ConversionError("A ViT reads images, not tokens: pass no tokenizer (keep its image processor).")
     if tokenizer is not None:
         check_tokenizer(tokenizer, source.config)
-    config = luna_config(source.config, family, attention, projected_length, kernel_num_projections,
-                         max_position_embeddings, kernel_feature_map)  # fmt: skip
+    attention_fields = dict(attention_type=attention, projected_length=projected_length,
+                            kernel_num_projections=kernel_num_projections, kernel_feature_map=kernel_feature_map)
+    config = luna_config(source.config, family, attention_fields, max_position_embeddings)
     luna_class, _, _ = source_head(architecture, family)
     set_seed(seed)
     model = luna_class(config)

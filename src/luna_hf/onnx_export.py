@@ -68,11 +68,10 @@ class TranslationDecoderStep(nn.Module):
                 encoder_hidden_states=None, past=()):  # fmt: skip
         config = self.model.config
         cache = EncoderDecoderCache(LunaCache(config), LunaCache(config))
-        if past:
-            self_size = len(past) // config.decoder_layers - CROSS_STATES
-            for layer, start in enumerate(range(0, len(past), self_size + CROSS_STATES)):
-                cache.self_attention_cache.write(layer, past[start : start + self_size], consumed_length=0)
-                cache.cross_attention_cache.write(layer, past[start + self_size : start + self_size + CROSS_STATES], 0)
+        per_layer, own = len(SELF_STATES) + len(CROSS_STATES), len(SELF_STATES)
+        for layer, start in enumerate(range(0, len(past), per_layer)):
+            cache.self_attention_cache.write(layer, past[start : start + own], consumed_length=0)
+            cache.cross_attention_cache.write(layer, past[start + own : start + per_layer], consumed_length=0)
         encoder_outputs = LunaSeq2SeqEncoderOutput(last_hidden_state=encoder_hidden_states,
                                                    packed_hidden_state=packed_hidden_state,
                                                    packed_attention_mask=packed_attention_mask)  # fmt: skip
@@ -84,12 +83,12 @@ class TranslationDecoderStep(nn.Module):
         return logits[:, -1], *present
 
 
-CROSS_STATES = 2  # the cross-attention's cached key and value
+SELF_STATES = ("key_sums", "value_sums", "token_count", "pack_queries")  # LunaCausalAttention's cache layer
+CROSS_STATES = ("cross_key", "cross_value")  # LunaCrossAttention's: the unpack keys and values of Y_P
 
 
 def state_names(config) -> list[str]:
-    kinds = ["key_sums", "value_sums", "token_count", "pack_queries", "cross_key", "cross_value"]
-    return [f"{layer}.{kind}" for layer in range(config.decoder_layers) for kind in kinds]
+    return [f"{layer}.{kind}" for layer in range(config.decoder_layers) for kind in (*SELF_STATES, *CROSS_STATES)]
 
 
 def full_length_packed(encoded: tuple, projected_length: int) -> tuple:
@@ -153,15 +152,16 @@ def greedy_translate(sessions: dict, input_ids, attention_mask, config, max_new_
     steps, vocab)."""
     import numpy as np
 
+    steps = max_new_tokens if forced_tokens is None else forced_tokens.shape[1]
+    if steps == 0:
+        return np.zeros((input_ids.shape[0], 0), np.int64), np.zeros((input_ids.shape[0], 0, config.vocab_size))
     last_hidden_state, packed, packed_mask = sessions["encoder_model"].run(
         None, {"input_ids": input_ids, "attention_mask": attention_mask})  # fmt: skip
     feed = {"attention_mask": attention_mask, "packed_hidden_state": packed, "packed_attention_mask": packed_mask}
     start = np.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=np.int64)
     outputs = sessions["decoder_model"].run(None, {**feed, "decoder_input_ids": start,
                                                    "encoder_hidden_states": last_hidden_state})  # fmt: skip
-    steps = max_new_tokens if forced_tokens is None else forced_tokens.shape[1]
-    if steps == 0:
-        return np.zeros((input_ids.shape[0], 0), np.int64), np.zeros((input_ids.shape[0], 0, config.vocab_size))
+    names = [f"past.{name}" for name in state_names(config)]
     tokens, scores, finished = [], [], np.zeros(input_ids.shape[0], dtype=bool)
     for step in range(steps):
         logits, present = outputs[0], outputs[1:]
@@ -174,6 +174,6 @@ def greedy_translate(sessions: dict, input_ids, attention_mask, config, max_new_
         scores.append(logits)
         if finished.all():
             break
-        past = {f"past.{name}": state for name, state in zip(state_names(config), present, strict=True)}
+        past = dict(zip(names, present, strict=True))
         outputs = sessions["decoder_with_past_model"].run(None, {**feed, "decoder_input_ids": new[:, None], **past})
     return np.stack(tokens, axis=1), np.stack(scores, axis=1)
