@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""The GLUE table from the records of scripts/glue_runs.sh (benchmarks/results/glue/<task>.jsonl):
+"""The GLUE table (and the long-document one) from the records of scripts/glue_runs.sh
+(benchmarks/results/glue/<task>.jsonl):
 
     python scripts/glue_report.py --output benchmarks/results/glue/table.md
+    python scripts/glue_report.py --tasks brown_genres --output benchmarks/results/glue/long_documents.md
 
 One row per task and model: the metric per seed, the mean and sample standard deviation over the seeds, the mean
-as a share of the teacher's (MiniLM's) mean on the same task and seeds, and the attention transfer's steps. QQP
-reports accuracy and F1 (GLUE's pair). When a task's records were finetuned at more than one budget (steps, batch,
-learning rate, length, evaluation set), the table says so rather than mixing them; the attention transfer's settings
-belong to each row's model.
+as a share of MiniLM's mean on the same task and seeds (the teacher of the GLUE rows), the attention transfer's
+steps, the tokens the model reads at most, and the seconds per document of training and of prediction (the Trainer's
+runtimes, means over the seeds; older records have no training time). QQP reports accuracy and F1 (GLUE's pair).
+When a task's records were finetuned at more than one budget (steps, batch, learning rate, evaluation set), the table
+says so rather than mixing them; the attention transfer's settings and the length belong to each row's model.
 """
 
 import argparse
@@ -16,15 +19,17 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-METRICS = {"sst2": ["eval_accuracy"], "qnli": ["eval_accuracy"], "qqp": ["eval_accuracy", "eval_f1"]}
+METRICS = {"sst2": ["eval_accuracy"], "qnli": ["eval_accuracy"], "qqp": ["eval_accuracy", "eval_f1"],
+           "brown_genres": ["eval_accuracy"]}
 MODELS = {
-    "minilm": "all-MiniLM-L6-v2 (teacher, softmax)",
+    "minilm": "all-MiniLM-L6-v2 (softmax)",
     "learned_kernel": "MiniLM -> learned kernel (m = 64), transfer on the task, distilled",
     "nested": "MiniLM -> nested Luna (l = 16), transfer on the task, distilled",
     "learned_kernel_general": "MiniLM -> learned kernel (m = 64), converted once (general text)",
     "nested_general": "MiniLM -> nested Luna (l = 16), converted once (general text)",
+    "learned_kernel_general-4096": "MiniLM -> learned kernel (m = 16), 4,096 positions, converted once (news)",
 }
-BUDGET = ("finetune_steps", "batch", "learning_rate", "max_seq_length", "evaluated_on")
+BUDGET = ("finetune_steps", "batch", "learning_rate", "evaluated_on")
 TEACHER = "minilm"
 
 
@@ -42,23 +47,31 @@ def summary(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f}{spread}"
 
 
-def table(records: list[dict]) -> str:
+def seconds_per_document(records: list[dict]) -> str:
+    """Training and prediction seconds per document, means over the records (seeds) that timed them."""
+    train = [r["metrics"]["train_runtime"] / (r["settings"]["finetune_steps"] * r["settings"]["batch"])
+             for r in records if "train_runtime" in r["metrics"]]  # fmt: skip
+    predict = [r["metrics"]["eval_runtime"] / r["metrics"]["eval_samples"] for r in records
+               if "eval_runtime" in r["metrics"]]  # fmt: skip
+    return " / ".join(f"{statistics.mean(times):.3f}" if times else "-" for times in (train, predict))
+
+
+def table(records: list[dict], tasks: list[str]) -> str:
     """The markdown table: per task, per model, per metric."""
-    results = defaultdict(dict)  # (task, model) -> {seed: metrics}
+    results = defaultdict(dict)  # (task, model) -> {seed: record}
     settings = defaultdict(set)
-    transfer_steps = defaultdict(set)  # (task, model) -> the attention transfer's steps (none for the teacher)
     for record in records:
-        results[record["task"], record["model"]][record["seed"]] = record["metrics"]
-        if record["model"] != TEACHER:
-            transfer_steps[record["task"], record["model"]].add(record["settings"].get("transfer_steps", 200))
+        results[record["task"], record["model"]][record["seed"]] = record
         settings[record["task"]].add(tuple(record["settings"].get(key) for key in BUDGET))
-    lines = ["| task | model | metric | per seed (%) | mean ± sd (%) | of the teacher | transfer steps |",
-             "|---|---|---|---|---:|---:|---:|"]
-    for task in [task for task in METRICS if any(key[0] == task for key in results)]:
-        teacher = results.get((task, TEACHER), {})
+    lines = ["| task | model | metric | per seed (%) | mean ± sd (%) | of MiniLM | transfer steps | max length "
+             "| s per document, train / predict |", "|---|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for task in [task for task in tasks if any(key[0] == task for key in results)]:
+        teacher = {seed: record["metrics"] for seed, record in results.get((task, TEACHER), {}).items()}
         for model in [model for model in MODELS if (task, model) in results]:
-            by_seed = results[task, model]
-            seeds = sorted(by_seed)
+            by_seed = {seed: record["metrics"] for seed, record in results[task, model].items()}
+            seeds, kept = sorted(by_seed), list(results[task, model].values())
+            steps = ", ".join(sorted({str(r["settings"].get("transfer_steps", 200)) for r in kept if model != TEACHER}))
+            length = ", ".join(sorted({str(r["settings"].get("max_seq_length", "")) for r in kept}))
             for metric in METRICS[task]:
                 values = [by_seed[seed][metric] for seed in seeds]
                 shared = [seed for seed in seeds if seed in teacher]
@@ -67,12 +80,11 @@ def table(records: list[dict]) -> str:
                     ours = statistics.mean(by_seed[seed][metric] for seed in shared)
                     share = f"{100 * ours / statistics.mean(teacher[seed][metric] for seed in shared):.1f}%"
                 per_seed = ", ".join(f"{seed}: {100 * value:.2f}" for seed, value in zip(seeds, values, strict=True))
-                name = metric.removeprefix("eval_")
-                steps = ", ".join(str(step) for step in sorted(transfer_steps[task, model]))
-                cells = [task, MODELS[model], name, per_seed, summary(values), share, steps]
+                cells = [task, MODELS[model], metric.removeprefix("eval_"), per_seed, summary(values), share, steps,
+                         length, seconds_per_document(kept)]  # fmt: skip
                 lines.append("| " + " | ".join(cells) + " |")
         if len(settings[task]) > 1:
-            lines.append(f"| {task} | **the records mix {len(settings[task])} budgets** | | | | | |")
+            lines.append(f"| {task} | **the records mix {len(settings[task])} budgets** | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -80,8 +92,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", default="benchmarks/results/glue", help="Folder of the <task>.jsonl records.")
     parser.add_argument("--output", help="Write the table here too (markdown).")
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "qnli", "qqp"], choices=list(METRICS))
     args = parser.parse_args(argv)
-    text = table(read_records(Path(args.records)))
+    text = table(read_records(Path(args.records)), args.tasks)
     if args.output:
         Path(args.output).write_text(text)
     print(text, end="")

@@ -11,6 +11,12 @@
 #     corpus's documents cut into sentences, passages and pairs; 1,200 steps of 16, kept in OUTPUT/general-seedS and
 #     reused by every task), then finetuned on the task exactly like the teacher (no distillation).
 #
+#   bash scripts/glue_runs.sh brown_genres 0 outputs/long path/to/all-MiniLM-L6-v2 data/corpus-news/train.txt
+#     long documents (LONG_DIR, default data/brown-genres, from scripts/prepare_long_documents.py): MiniLM reads a
+#     document's first 512 tokens; the learned kernel (m = 16) with positions copied to 4,096, its attention
+#     transferred once (seed 0, 200 steps of 8 texts of 256 tokens, kept in OUTPUT/long-documents for every seed),
+#     reads the whole document. Both finetuned end to end at one budget (one pass over the 350 documents, batch 4).
+#
 # ATTENTIONS="learned_kernel" (default "learned_kernel nested") picks the converted models; ATTENTIONS="" trains the
 # teacher only. TRANSFER_STEPS overrides the transfer's steps (a transferred folder already there is reused: delete
 # it to transfer again). Each model's dev result is appended to benchmarks/results/glue/<task>.jsonl (settings, seed, metrics,
@@ -26,20 +32,30 @@ case $task in  # the training subset, the evaluation set, the length, the texts 
   sst2) train=$glue/sst2/train.tsv dev=$glue/sst2/dev.tsv length=64 texts=sentence ;;
   qnli) train=$glue/qnli/train_subset.tsv dev=$glue/qnli/dev.tsv length=128 texts=sentence ;;
   qqp) train=$glue/qqp/train_subset.tsv dev=$glue/qqp/heldout_subset.tsv length=64 texts=question1 ;;
-  *) echo "unknown task $task (sst2, qnli, qqp)" >&2; exit 2 ;;
+  brown_genres) train=${LONG_DIR:-data/brown-genres}/train.jsonl dev=${LONG_DIR:-data/brown-genres}/test.jsonl ;;
+  *) echo "unknown task $task (sst2, qnli, qqp, brown_genres)" >&2; exit 2 ;;
 esac
-steps=300 batch=32 learning_rate=1e-4
-if [ -n "$corpus" ]; then transfer_steps=${TRANSFER_STEPS:-1200} transfer_length=128 route=general
+steps=300 batch=32 learning_rate=1e-4 luna_length=${length:-} long="" glue_task=$task
+if [ -n "$corpus" ]; then transfer_steps=${TRANSFER_STEPS:-1200} route=general
 else transfer_steps=${TRANSFER_STEPS:-200} route=posthoc; fi
+transfer_batch=16 transfer_length=128
+transfer_texts=(--passages true --passages_seed "$seed" --max_samples $((16 * transfer_steps)))
+if [ $task = brown_genres ]; then  # the converted model reads the whole document; news articles for its transfer
+  [ -n "$corpus" ] || { echo "brown_genres needs the corpus (the convert-once route)" >&2; exit 2; }
+  steps=88 batch=4 learning_rate=2e-4 length=512 luna_length=4096 transfer_steps=${TRANSFER_STEPS:-200}
+  transfer_batch=8 transfer_length=256 transfer_texts=() long=-4096 attentions=${ATTENTIONS-learned_kernel} glue_task=""
+fi
 run=$out/$task-seed$seed
 mkdir -p "$run" benchmarks/results/glue
 
 finetune() {  # finetune NAME MODEL OUTPUT START [--teacher_name_or_path TEACHER]: train, evaluate, record once
-  local name=$1 model=$2 output=$3 start=$4
+  local name=$1 model=$2 output=$3 start=$4 length=$length
   shift 4
   [ -f "$output/eval_results.json" ] && return
-  python scripts/finetune_glue.py --model_name_or_path "$model" --task_name "$task" --train_file "$train" \
-    --validation_file "$dev" --do_train --do_eval --max_seq_length "$length" --per_device_train_batch_size "$batch" \
+  [ $name = minilm ] || length=$luna_length
+  python scripts/finetune_glue.py --model_name_or_path "$model" ${glue_task:+--task_name "$glue_task"} \
+    --train_file "$train" --validation_file "$dev" --do_train --do_eval --max_seq_length "$length" \
+    --per_device_train_batch_size "$batch" \
     --learning_rate "$learning_rate" --warmup_steps 0.06 --weight_decay 0.01 --max_steps "$steps" \
     --eval_strategy no --save_strategy no --report_to none --seed "$seed" --output_dir "$output" \
     --disable_tqdm true "$@"
@@ -47,7 +63,7 @@ finetune() {  # finetune NAME MODEL OUTPUT START [--teacher_name_or_path TEACHER
     "$dev" "$route" "${transfer_steps:-0}" "${corpus:-$train}" >> "benchmarks/results/glue/$task.jsonl" <<'EOF'
 import json, sys
 task, seed, model, folder, seconds, steps, batch, lr, length, dev, route, transfer, texts = sys.argv[1:]
-metrics = json.load(open(f"{folder}/eval_results.json"))
+metrics = json.load(open(f"{folder}/all_results.json"))
 transfer = {} if model == "minilm" else {"route": route, "transfer_steps": int(transfer), "transferred_on": texts}
 print(json.dumps({"task": task, "seed": int(seed), "model": model, "metrics": metrics, "wall_seconds": int(seconds),
                   "settings": {"finetune_steps": int(steps), "batch": int(batch), "learning_rate": float(lr),
@@ -59,7 +75,7 @@ transfer() {  # transfer STUDENT TEACHER OUTPUT RATE ARGS...: the attention tran
   local student=$1 teacher=$2 output=$3 rate=$4
   shift 4
   [ -d "$output" ] || python scripts/transfer_attention.py --model_name_or_path "$student" \
-    --teacher_name_or_path "$teacher" --max_steps $transfer_steps --per_device_train_batch_size 16 \
+    --teacher_name_or_path "$teacher" --max_steps $transfer_steps --per_device_train_batch_size $transfer_batch \
     --learning_rate "$rate" --report_to none --seed "$seed" --save_strategy no --output_dir "$output-checkpoints" \
     --transferred_model_dir "$output" --disable_tqdm true "$@"
 }
@@ -67,6 +83,7 @@ transfer() {  # transfer STUDENT TEACHER OUTPUT RATE ARGS...: the attention tran
 convert() {  # convert SOURCE OUTPUT ATTENTION
   local shape=(--kernel_num_projections 64)
   [ "$3" = nested ] && shape=(--projected_length 16)
+  [ -n "$long" ] && shape=(--max_position_embeddings 4096)  # the learned kernel's default m = 16
   [ -d "$2" ] || python scripts/convert_to_luna.py --model_name_or_path "$1" --output_dir "$2" --attention "$3" \
     "${shape[@]}" --seed "$seed"
 }
@@ -82,10 +99,11 @@ for attention in $attentions; do
     finetune $attention "$run/$attention-attn" "$run/$attention-distilled" $start --teacher_name_or_path "$run/teacher"
   else  # the shared transfer's time is not in the task's row (its log has it): a user pays it once
     general=$out/general-seed$seed
-    convert "$minilm" "$general/$attention" $attention
-    transfer "$general/$attention" "$minilm" "$general/$attention-attn" $rate --train_file "$corpus" --passages true \
-      --passages_seed "$seed" --max_samples $((16 * transfer_steps)) --max_length $transfer_length
-    start=$SECONDS
-    finetune "${attention}_general" "$general/$attention-attn" "$run/$attention-general" $start
+    [ -n "$long" ] && general=$out/long-documents seed=0  # converted and transferred once, for every seed
+    convert "$minilm" "$general/$attention$long" $attention
+    transfer "$general/$attention$long" "$minilm" "$general/$attention$long-attn" $rate --train_file "$corpus" \
+      "${transfer_texts[@]}" --max_length $transfer_length
+    seed=$2 start=$SECONDS
+    finetune "${attention}_general$long" "$general/$attention$long-attn" "$run/$attention-general$long" $start
   fi
 done

@@ -16,7 +16,6 @@ scripts/prepare_corpus.py does), labelled with their 15 genres (the second lette
 reportage ... r = humour), or `--documents_file` (JSON lines with "text" and "label").
 """
 
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 
 import luna_hf  # noqa: F401  (registers Luna with the Auto classes)
-from luna_hf.text_sources import brown_documents  # the Brown corpus exactly as the pretraining corpus reads it
+from luna_hf.text_sources import labelled_documents
 
 
 @dataclass
@@ -49,23 +48,6 @@ class LongDocumentArguments:
     folds: int = 5
     seed: int = 0
     output: str | None = field(default=None, metadata={"help": "Also write the table to this Markdown file."})
-
-
-def brown_genres(download_dir: str) -> list[tuple[str, str]]:
-    Path(download_dir).mkdir(parents=True, exist_ok=True)
-    return [(text, name.split("/")[-1][1]) for name, text in brown_documents(Path(download_dir))]
-
-
-def read_documents(args: LongDocumentArguments) -> list[tuple[str, str]]:
-    if args.documents_file is None:
-        return brown_genres(args.download_dir)
-    if not os.path.isfile(args.documents_file):
-        sys.exit(f"error: --documents_file {args.documents_file} does not exist")
-    with open(args.documents_file, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    if any("text" not in row or "label" not in row for row in rows):
-        sys.exit(f'error: every line of {args.documents_file} needs a "text" and a "label"')
-    return [(row["text"], str(row["label"])) for row in rows]
 
 
 def mean_pooled(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -109,7 +91,11 @@ def cross_validated(features, labels: list[str], folds: int, seed: int) -> list[
 
 def main(argv=None):
     (args,) = HfArgumentParser(LongDocumentArguments).parse_args_into_dataclasses(args=argv)
-    texts, labels = zip(*read_documents(args), strict=True)
+    try:
+        documents = labelled_documents(args.documents_file, args.download_dir)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    texts, labels = zip(*documents, strict=True)
     smallest = min(labels.count(label) for label in set(labels))
     if smallest < args.folds:
         sys.exit(f"error: a label has only {smallest} documents, fewer than --folds {args.folds}")

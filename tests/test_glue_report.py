@@ -39,8 +39,29 @@ def test_means_spreads_and_shares_of_the_teacher(tmp_path):
     assert "63.00 |" in f1 and f"{100 * 0.63 / 0.70:.1f}%" in f1  # one seed: no spread
     general = rows["qqp", glue_report.MODELS["nested_general"], "f1"]
     assert "56.00 |" in general and f"{100 * 0.56 / 0.70:.1f}%" in general and "mix" not in text
-    assert general.endswith("| 1200 |") and rows["qqp", glue_report.MODELS["learned_kernel"], "f1"].endswith("| 200 |")
+    assert "| 1200 | 64 |" in general and "| 200 | 64 |" in rows["qqp", glue_report.MODELS["learned_kernel"], "f1"]
     assert (tmp_path / "table.md").read_text() == text
+
+
+def test_long_documents_rows_read_their_own_length_and_report_seconds_per_document(tmp_path):
+    """The long-document task: MiniLM reads 512 tokens and the converted model 4,096 at one budget (not a mix); the
+    seconds per document are the Trainer's runtimes over the documents seen, averaged over the seeds."""
+    budget = {"finetune_steps": 88, "batch": 4}
+    for model, length, runtimes in [("minilm", 512, [(35.2, 15.0), (39.6, 16.5)]),
+                                    ("learned_kernel_general-4096", 4096, [(1232.0, 120.0), (1408.0, 135.0)])]:
+        for seed, (train, predict) in enumerate(runtimes):
+            metrics = {"eval_accuracy": 0.4 + seed / 10, "train_runtime": train, "eval_runtime": predict,
+                       "eval_samples": 150}
+            write(tmp_path, "brown_genres", [(model, seed, metrics)], max_seq_length=length, **budget)
+    write(tmp_path, "sst2", [("minilm", 0, {"eval_accuracy": 0.86, "eval_runtime": 8.72, "eval_samples": 872})])
+    text = glue_report.main(["--records", str(tmp_path), "--tasks", "brown_genres"])
+    rows = {line.split("|")[2].strip(): line for line in text.splitlines()[2:]}
+    assert "mix" not in text and "sst2" not in text and len(rows) == 2
+    minilm, luna = rows[glue_report.MODELS["minilm"]], rows[glue_report.MODELS["learned_kernel_general-4096"]]
+    assert "| 512 |" in minilm and f"| {(35.2 + 39.6) / 2 / 352:.3f} / {(15.0 + 16.5) / 2 / 150:.3f} |" in minilm
+    assert "| 4096 |" in luna and f"| {(1232 + 1408) / 2 / 352:.3f} / {(120 + 135) / 2 / 150:.3f} |" in luna
+    assert "45.00 ± 7.07" in luna and "100.0%" in luna
+    assert "| - / 0.010 |" in glue_report.main(["--records", str(tmp_path)])  # an older record: no training time
 
 
 def test_mixed_budgets_are_flagged_and_missing_records_refused(tmp_path):

@@ -399,15 +399,15 @@ class LearnedKernelFeatureMap(nn.Module):
         states = states.to(torch.promote_types(states.dtype, torch.float32))
         weight, bias = self.projection_weight.to(states.dtype), self.projection_bias.to(states.dtype)
         projected = nn.functional.linear(states, weight, bias)  # u, (..., m)
-        channels = self.channel_functions(projected.reshape(-1))  # (L, rows)
-        features = channels.T.reshape(*projected.shape, -1).flatten(-2) * self.num_projections**-0.5
+        channels = self.channel_functions(projected.reshape(-1))  # (rows, L)
+        features = channels.reshape(*projected.shape, -1).flatten(-2) * self.num_projections**-0.5
         if is_key and self.envelope_scale is not None:
             log_envelope = self.envelope_scale.to(states.dtype) * states.square().sum(dim=-1, keepdim=True)
             features = features * log_envelope.clamp(-ENVELOPE_LOG_LIMIT, ENVELOPE_LOG_LIMIT).exp()
         return features
 
     def channel_functions(self, projected: torch.Tensor) -> torch.Tensor:
-        """psi_1..L of each scalar in `projected` (rows,), (L, rows), through the table of their linear pieces."""
+        """psi_1..L of each scalar in `projected` (rows,), (rows, L), through the table of their linear pieces."""
         alpha, beta, a, c = (
             parameter.to(projected.dtype)
             for parameter in (
@@ -428,12 +428,17 @@ class LearnedKernelFeatureMap(nn.Module):
         rising, falling, flat = alpha_ > 0, alpha_ < 0, alpha_ == 0
         active = (rising & (rank < interval)) | (falling & (rank >= interval)) | (flat & (beta_ > 0))
         active = active.to(alpha.dtype)  # (G, hidden + 1, hidden)
-        slopes = (active * alpha_ * a[:, None, :]).sum(dim=-1)  # (L, hidden + 1)
-        intercepts = (active * beta_ * a[:, None, :]).sum(dim=-1) + c[:, None]
+        slopes = (active * alpha_ * a[:, None, :]).sum(dim=-1).T  # (hidden + 1, L)
+        intercepts = (active * beta_ * a[:, None, :]).sum(dim=-1).T + c
         # torch.bucketize counts the kinks strictly below u: the index of u's interval.
-        positions = torch.stack([torch.bucketize(projected.detach(), group_kinks) for group_kinks in sorted_kinks])
-        positions = positions.expand(a.shape[0], -1)  # (L, rows)
-        channels = slopes.gather(1, positions) * projected + intercepts.gather(1, positions)
+        positions = [torch.bucketize(projected.detach(), group_kinks) for group_kinks in sorted_kinks]
+        if len(positions) == 1:  # shared kinks: one row of the table per scalar (far faster than a gather per channel)
+            pieces = torch.cat([slopes, intercepts], dim=-1)[positions[0]]  # (rows, 2L)
+            slope, intercept = pieces.chunk(2, dim=-1)
+        else:
+            index = torch.stack(positions, dim=-1)  # (rows, L)
+            slope, intercept = slopes.gather(0, index), intercepts.gather(0, index)
+        channels = torch.addcmul(intercept, slope, projected[:, None])
         return torch.relu(channels) if self.nonnegative else channels
 
 

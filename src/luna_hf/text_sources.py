@@ -5,6 +5,7 @@ streamed from the Hub (wikitext). Not part of the remote code."""
 
 import csv
 import io
+import json
 import random
 import re
 import shutil
@@ -77,6 +78,34 @@ def brown_documents(download_dir: Path) -> Iterator[tuple[str, str]]:
             # Undo the corpus' tokenization: no space before punctuation or clitics.
             text = re.sub(r" ([.,;:!?)]|'s\b|n't\b)", r"\1", text)
             yield f"brown/{name}", clean(text)
+
+
+# The Brown corpus's 15 genres, by the second letter of its file names (the corpus manual's categories).
+BROWN_GENRES = {
+    "a": "press: reportage", "b": "press: editorial", "c": "press: reviews", "d": "religion",
+    "e": "skills and hobbies", "f": "popular lore", "g": "belles-lettres", "h": "miscellaneous: government",
+    "j": "learned", "k": "general fiction", "l": "mystery and detective fiction", "m": "science fiction",
+    "n": "adventure and western fiction", "p": "romance and love story", "r": "humor",
+}  # fmt: skip
+
+
+def brown_genre_documents(download_dir: Path) -> list[tuple[str, str]]:
+    """The Brown corpus's 500 texts (about 2,000 words each) with their genre's name: the long-document task."""
+    Path(download_dir).mkdir(parents=True, exist_ok=True)
+    return [(text, BROWN_GENRES[name.split("/")[-1][1]]) for name, text in brown_documents(Path(download_dir))]
+
+
+def labelled_documents(documents_file: str | None, download_dir: str) -> list[tuple[str, str]]:
+    """(text, label) documents: a JSON-lines file with "text" and "label", or (None) the Brown corpus's genres."""
+    if documents_file is None:
+        return brown_genre_documents(Path(download_dir))
+    if not Path(documents_file).is_file():
+        raise FileNotFoundError(f"documents file {documents_file} does not exist")
+    with open(documents_file, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    if not rows or any("text" not in row or "label" not in row for row in rows):
+        raise ValueError(f'{documents_file}: every line needs a "text" and a "label" (and there must be one line)')
+    return [(row["text"], str(row["label"])) for row in rows]
 
 
 def pydoc_documents(download_dir: Path) -> Iterator[tuple[str, str]]:
