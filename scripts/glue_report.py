@@ -2,7 +2,7 @@
 """The GLUE table (and the long-document one) from the records of scripts/glue_runs.sh
 (benchmarks/results/glue/<task>.jsonl):
 
-    python scripts/glue_report.py --output benchmarks/results/glue/table.md
+    python scripts/glue_report.py --output benchmarks/results/glue/table.md --readme README.md
     python scripts/glue_report.py --tasks brown_genres --output benchmarks/results/glue/long_documents.md
 
 One row per task and model: the metric per seed, the mean and sample standard deviation over the seeds, the mean
@@ -29,6 +29,14 @@ MODELS = {
     "nested_general": "MiniLM -> nested Luna (l = 16), converted once (general text)",
     "learned_kernel_general-4096": "MiniLM -> learned kernel (m = 16), 4,096 positions, converted once (news)",
 }
+SHORT_NAMES = {  # the README's short table
+    "minilm": "MiniLM (teacher)",
+    "learned_kernel": "learned kernel, post hoc",
+    "nested": "nested Luna, post hoc",
+    "learned_kernel_general": "learned kernel, converted once",
+    "nested_general": "nested Luna, converted once",
+}
+README_MARKERS = ("<!-- glue-table -->\n", "<!-- /glue-table -->")
 BUDGET = ("finetune_steps", "batch", "learning_rate", "evaluated_on")
 TEACHER = "minilm"
 
@@ -88,15 +96,40 @@ def table(records: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_table(full_table: str) -> str:
+    """The README's table from the full one: each task's first metric, mean ± sd, share and seed count."""
+    lines = ["| task | model | accuracy % | of the teacher | seeds |", "|---|---|---:|---:|---:|"]
+    names = {name: key for key, name in MODELS.items()}
+    for line in full_table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        if cells[1] in names and names[cells[1]] in SHORT_NAMES and cells[2] == "accuracy":
+            seeds = len(cells[3].split(","))
+            lines.append(f"| {cells[0]} | {SHORT_NAMES[names[cells[1]]]} | {cells[4]} | {cells[5]} | {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_readme_table(readme: Path, full_table: str) -> None:
+    """Rewrite the table between the README's glue-table markers."""
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start.strip()} ... {end} block to rewrite.")
+    before, rest = text.split(start, 1)
+    readme.write_text(before + start + short_table(full_table) + end + rest.split(end, 1)[1])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", default="benchmarks/results/glue", help="Folder of the <task>.jsonl records.")
     parser.add_argument("--output", help="Write the table here too (markdown).")
+    parser.add_argument("--readme", help="Rewrite the short table between this file's glue-table markers.")
     parser.add_argument("--tasks", nargs="+", default=["sst2", "qnli", "qqp"], choices=list(METRICS))
     args = parser.parse_args(argv)
     text = table(read_records(Path(args.records)), args.tasks)
     if args.output:
         Path(args.output).write_text(text)
+    if args.readme:
+        replace_readme_table(Path(args.readme), text)
     print(text, end="")
     return text
 

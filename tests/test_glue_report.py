@@ -72,3 +72,21 @@ def test_mixed_budgets_are_flagged_and_missing_records_refused(tmp_path):
     assert "the records mix 2 budgets" in glue_report.main(["--records", str(tmp_path)])
     with pytest.raises(SystemExit, match="No records"):
         glue_report.main(["--records", str(tmp_path / "empty")])
+
+
+def test_the_readme_block_is_rewritten_from_the_records_and_nothing_else_changes(tmp_path):
+    write(tmp_path, "sst2", [("minilm", 0, {"eval_accuracy": 0.86}), ("minilm", 1, {"eval_accuracy": 0.84}),
+                             ("learned_kernel", 0, {"eval_accuracy": 0.85})])  # fmt: skip
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- glue-table -->\n| old | table |\n<!-- /glue-table -->\n\nafter\n")
+    glue_report.main(["--records", str(tmp_path), "--readme", str(readme)])
+    assert readme.read_text() == (
+        "# title\n\n<!-- glue-table -->\n"
+        "| task | model | accuracy % | of the teacher | seeds |\n|---|---|---:|---:|---:|\n"
+        "| sst2 | MiniLM (teacher) | 85.00 ± 1.41 |  | 2 |\n"
+        f"| sst2 | learned kernel, post hoc | 85.00 | {100 * 0.85 / 0.86:.1f}% | 1 |\n<!-- /glue-table -->\n\nafter\n"
+    )
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no <!-- glue-table --> ... <!-- /glue-table --> block"):
+        glue_report.main(["--records", str(tmp_path), "--readme", str(readme)])
+    assert readme.read_text() == "no markers\n"
