@@ -518,7 +518,8 @@ def main(argv=None):
     model, tokenizer, max_seq_length = load_model(model_args, data_args, label_names)
     encoded = tokenize_splits(raw, tokenizer, max_seq_length, data_args, training_args)
     trainer = build_trainer(model, tokenizer, encoded, model_args, data_args, training_args, label_names is None)
-    all_metrics = train_evaluate_predict(trainer, tokenizer, raw, encoded, label_names, data_args, training_args)
+    all_metrics = train_evaluate_predict(trainer, tokenizer, raw, encoded, label_names, data_args, training_args,
+                                         max_seq_length)
 
     if training_args.do_train or training_args.push_to_hub:  # the saved folder's card; a push uploads the same one
         repo_id = getattr(trainer, "hub_model_id", None) or training_args.hub_model_id  # Trainer adds the namespace
@@ -638,7 +639,7 @@ def build_trainer(model, tokenizer, encoded, model_args, data_args, training_arg
     )
 
 
-def train_evaluate_predict(trainer, tokenizer, raw, encoded, label_names, data_args, training_args):
+def train_evaluate_predict(trainer, tokenizer, raw, encoded, label_names, data_args, training_args, max_seq_length):
     """--do_train, --do_eval, --do_predict in turn; returns their metrics."""
     all_metrics = {}
     if training_args.do_train:
@@ -654,7 +655,7 @@ def train_evaluate_predict(trainer, tokenizer, raw, encoded, label_names, data_a
         all_metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-        show_predictions(trainer.model, tokenizer, raw["validation"], label_names)
+        show_predictions(trainer.model, tokenizer, raw["validation"], label_names, max_seq_length)
     if training_args.do_predict:
         if "test" not in encoded:
             raise ValueError("--do_predict needs a test split (--test_file, or a task with one).")
@@ -670,12 +671,14 @@ def train_evaluate_predict(trainer, tokenizer, raw, encoded, label_names, data_a
     return all_metrics
 
 
-def show_predictions(model, tokenizer, examples, label_names, count=3):
-    """A few pipeline() predictions on evaluation rows, beside their gold labels."""
+def show_predictions(model, tokenizer, examples, label_names, max_seq_length, count=3):
+    """A few pipeline() predictions on evaluation rows, beside their gold labels, truncated as the rows were for the
+    evaluation (a long document would not fit the model otherwise)."""
     classify = pipeline("text-classification", model=model, tokenizer=tokenizer, device=model.device)
     rows = examples.select(range(min(count, len(examples))))
     inputs = [{"text": r["text"], "text_pair": r["text_pair"]} if "text_pair" in r else r["text"] for r in rows]
-    for row, output in zip(rows, classify(inputs), strict=True):
+    outputs = classify(inputs, truncation=True, max_length=max_seq_length)
+    for row, output in zip(rows, outputs, strict=True):
         gold = row.get("label")
         gold = gold if label_names is None or gold is None else label_names[gold]
         logger.info(f"pipeline: {json.dumps(row['text'][:80])} -> {output['label']} ({output['score']:.3f}); "

@@ -158,6 +158,23 @@ def test_sst2_luna_learns_and_saves_a_loadable_classifier(work, tmp_path):
     assert f"| accuracy | {metrics['eval_accuracy']:.4f} |" in card.text and "GLUE SST-2" in card.text
 
 
+def test_documents_longer_than_the_model_are_truncated_for_the_shown_predictions_too(work, tmp_path):
+    """Long documents (the long-document task's files: "text", "label"), each longer than the model's 130
+    positions: training and evaluation read the first --max_seq_length tokens, and so must the pipeline() predictions
+    shown after the evaluation, or the run fails after training and its card is never written."""
+    root, _ = work
+    rows = [{"text": " ".join(hub_fixture.POSITIVE if i % 2 else hub_fixture.NEGATIVE) * 12, "label": ["fiction",
+             "learned"][i % 2]} for i in range(8)]  # fmt: skip
+    documents = tmp_path / "documents.jsonl"
+    documents.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics = run(work, "--model_name_or_path", root / "luna-mlm", "--train_file", documents, "--validation_file",
+                  documents, "--do_train", "--do_eval", "--output_dir", tmp_path / "long", "--max_steps", "1")
+    tokens = LunaForMaskedLM.config_class.from_pretrained(root / "luna-mlm").max_position_embeddings
+    assert len(hub_fixture.build_tokenizer()(rows[0]["text"])["input_ids"]) > tokens
+    assert metrics["eval_samples"] == 8
+    assert f"| accuracy | {metrics['eval_accuracy']:.4f} |" in ModelCard.load(tmp_path / "long" / "README.md").text
+
+
 def test_early_stopping_on_the_task_metric(work, tmp_path):
     root, glue = work
     out = tmp_path / "stop"
