@@ -15,7 +15,7 @@
 #     long documents (LONG_DIR, default data/brown-genres, from scripts/prepare_long_documents.py): MiniLM reads a
 #     document's first 512 tokens; the learned kernel (m = 16) with positions copied to 4,096, its attention
 #     transferred once (seed 0, 200 steps of 8 texts of 256 tokens, kept in OUTPUT/long-documents for every seed),
-#     reads the whole document. Both finetuned end to end at one budget (one pass over the 350 documents, batch 4).
+#     reads the whole document. Both finetuned end to end at one budget (two passes over the 350 documents, batch 4).
 #
 # ATTENTIONS="learned_kernel" (default "learned_kernel nested") picks the converted models; ATTENTIONS="" trains the
 # teacher only. TRANSFER_STEPS overrides the transfer's steps (a transferred folder already there is reused: delete
@@ -42,7 +42,7 @@ transfer_batch=16 transfer_length=128
 transfer_texts=(--passages true --passages_seed "$seed" --max_samples $((16 * transfer_steps)))
 if [ $task = brown_genres ]; then  # the converted model reads the whole document; news articles for its transfer
   [ -n "$corpus" ] || { echo "brown_genres needs the corpus (the convert-once route)" >&2; exit 2; }
-  steps=88 batch=4 learning_rate=2e-4 length=512 luna_length=4096 transfer_steps=${TRANSFER_STEPS:-200}
+  steps=176 batch=4 learning_rate=2e-4 length=512 luna_length=4096 transfer_steps=${TRANSFER_STEPS:-200}
   transfer_batch=8 transfer_length=256 transfer_texts=() long=-4096 attentions=${ATTENTIONS-learned_kernel} glue_task=""
 fi
 run=$out/$task-seed$seed
