@@ -37,6 +37,7 @@ SHORT_NAMES = {  # the README's short table
     "nested_general": "nested Luna, converted once",
 }
 README_MARKERS = ("<!-- glue-table -->\n", "<!-- /glue-table -->")
+GLUE_TASKS = ("sst2", "qnli", "qqp")
 BUDGET = ("finetune_steps", "batch", "learning_rate", "evaluated_on")
 TEACHER = "minilm"
 
@@ -78,7 +79,8 @@ def table(records: list[dict], tasks: list[str]) -> str:
         for model in [model for model in MODELS if (task, model) in results]:
             by_seed = {seed: record["metrics"] for seed, record in results[task, model].items()}
             seeds, kept = sorted(by_seed), list(results[task, model].values())
-            steps = ", ".join(sorted({str(r["settings"].get("transfer_steps", 200)) for r in kept if model != TEACHER}))
+            transfers = {r["settings"].get("transfer_steps", 200) for r in kept if model != TEACHER}
+            steps = ", ".join(map(str, sorted(transfers)))
             length = ", ".join(sorted({str(r["settings"].get("max_seq_length", "")) for r in kept}))
             for metric in METRICS[task]:
                 values = [by_seed[seed][metric] for seed in seeds]
@@ -98,7 +100,7 @@ def table(records: list[dict], tasks: list[str]) -> str:
 
 def short_table(full_table: str) -> str:
     """The README's table from the full one: each task's first metric, mean ± sd, share and seed count."""
-    lines = ["| task | model | accuracy % | of the teacher | seeds |", "|---|---|---:|---:|---:|"]
+    lines = ["| task | model | accuracy % | of MiniLM | seeds |", "|---|---|---:|---:|---:|"]
     names = {name: key for key, name in MODELS.items()}
     for line in full_table.splitlines()[2:]:
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
@@ -112,7 +114,7 @@ def replace_readme_table(readme: Path, full_table: str) -> None:
     """Rewrite the table between the README's glue-table markers."""
     text = readme.read_text()
     start, end = README_MARKERS
-    if start not in text or end not in text:
+    if start not in text or end not in text.split(start, 1)[1]:
         raise SystemExit(f"{readme} has no {start.strip()} ... {end} block to rewrite.")
     before, rest = text.split(start, 1)
     readme.write_text(before + start + short_table(full_table) + end + rest.split(end, 1)[1])
@@ -123,8 +125,10 @@ def main(argv=None):
     parser.add_argument("--records", default="benchmarks/results/glue", help="Folder of the <task>.jsonl records.")
     parser.add_argument("--output", help="Write the table here too (markdown).")
     parser.add_argument("--readme", help="Rewrite the short table between this file's glue-table markers.")
-    parser.add_argument("--tasks", nargs="+", default=["sst2", "qnli", "qqp"], choices=list(METRICS))
+    parser.add_argument("--tasks", nargs="+", default=list(GLUE_TASKS), choices=list(METRICS))
     args = parser.parse_args(argv)
+    if args.readme and set(args.tasks) - set(GLUE_TASKS):
+        parser.error("--readme holds the GLUE table: give it with the GLUE --tasks only")
     text = table(read_records(Path(args.records)), args.tasks)
     if args.output:
         Path(args.output).write_text(text)

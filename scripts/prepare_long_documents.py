@@ -44,8 +44,14 @@ def split_documents(documents: list[tuple[str, str]], test_size: int, seed: int)
         rarest = min(counts, key=counts.get)
         raise ValueError(f"a stratified split needs every label in both files: {len(counts)} labels, the rarest "
                          f"({rarest!r}) with {counts[rarest]} documents, test size {test_size} of {len(documents)}")
-    return train_test_split(documents, test_size=test_size, random_state=seed,
-                            stratify=[label for _, label in documents])  # fmt: skip
+    train, test = train_test_split(documents, test_size=test_size, random_state=seed,
+                                   stratify=[label for _, label in documents])  # fmt: skip
+    for name, part in (("training", train), ("test", test)):  # a label too rare for the split's proportions
+        missing = set(counts) - {label for _, label in part}
+        if missing:
+            raise ValueError(f"a stratified split needs every label in both files: the {name} file would lack "
+                             f"{sorted(missing)} (test size {test_size} of {len(documents)}); change --test_size")
+    return train, test
 
 
 def write_json_lines(rows: list[tuple[str, str]], path: Path) -> None:

@@ -78,6 +78,8 @@ def test_the_split_is_stratified_fixed_by_its_seed_and_read_by_finetune_glue(tmp
         ({"news": 10, "humor": 4, "fiction": 4}, 2, "every label in both files: 3 labels"),
         ({"news": 10, "humor": 4}, 0, "--test_size 0 must be between 1 and the 13"),
         ({"news": 10, "humor": 4}, 14, "--test_size 14 must be between"),
+        ({"news": 100, "humor": 2}, 2, "the test file would lack \\['humor'\\]"),
+        ({"news": 100, "humor": 2}, 100, "the training file would lack \\['humor'\\]"),
     ],
 )
 def test_splits_that_cannot_be_made_are_refused_before_anything_is_written(tmp_path, counts, test_size, message):
