@@ -14,14 +14,15 @@
 #   bash scripts/glue_runs.sh brown_genres 0 outputs/long path/to/all-MiniLM-L6-v2 data/corpus-news/train.txt
 #     long documents (LONG_DIR, default data/brown-genres, from scripts/prepare_long_documents.py): MiniLM reads a
 #     document's first 512 tokens; the learned kernel (m = 16) with positions copied to 4,096, its attention
-#     transferred once (seed 0, 200 steps of 8 texts of 256 tokens, kept in OUTPUT/long-documents for every seed),
-#     reads the whole document. Both finetuned end to end at one budget (two passes over the 350 documents, batch 4).
+#     transferred once (seed 0, 200 steps of 8 texts of 256 tokens, kept in OUTPUT/long-documents for every seed:
+#     run the first seed alone), reads the whole document. Both finetuned end to end at one budget (two passes over
+#     the 350 documents, batch 4).
 #
 # ATTENTIONS="learned_kernel" (default "learned_kernel nested") picks the converted models; ATTENTIONS="" trains the
 # teacher only. TRANSFER_STEPS overrides the transfer's steps (a transferred folder already there is reused: delete
-# it to transfer again). Each model's dev result is appended to benchmarks/results/glue/<task>.jsonl (settings, seed, metrics,
-# wall time) once; scripts/glue_report.py makes the table. One torch thread per run. A finished step is skipped when
-# the command is run again.
+# it to transfer again). Each model's dev result is appended to benchmarks/results/glue/<task>.jsonl (settings, seed,
+# metrics, wall time) once (OUTPUT/.../recorded marks it); scripts/glue_report.py makes the table. One torch thread
+# per run. A finished step is skipped when the command is run again.
 set -euo pipefail
 task=$1 seed=$2 out=$3 minilm=$4 corpus=${5:-}
 glue=${GLUE_DIR:-../shared/data/glue}
@@ -42,6 +43,10 @@ transfer_batch=16 transfer_length=128
 transfer_texts=(--passages true --passages_seed "$seed" --max_samples $((16 * transfer_steps)))
 if [ $task = brown_genres ]; then  # the converted model reads the whole document; news articles for its transfer
   [ -n "$corpus" ] || { echo "brown_genres needs the corpus (the convert-once route)" >&2; exit 2; }
+  case ${ATTENTIONS-learned_kernel} in
+    learned_kernel | "") ;;
+    *) echo "brown_genres runs the learned kernel only (ATTENTIONS=learned_kernel)" >&2; exit 2 ;;
+  esac
   steps=176 batch=4 learning_rate=2e-4 length=512 luna_length=4096 transfer_steps=${TRANSFER_STEPS:-200}
   transfer_batch=8 transfer_length=256 transfer_texts=() long=-4096 attentions=${ATTENTIONS-learned_kernel} glue_task=""
 fi
@@ -51,12 +56,12 @@ mkdir -p "$run" benchmarks/results/glue
 finetune() {  # finetune NAME MODEL OUTPUT START [--teacher_name_or_path TEACHER]: train, evaluate, record once
   local name=$1 model=$2 output=$3 start=$4 length=$length
   shift 4
-  [ -f "$output/eval_results.json" ] && return
+  [ -f "$output/recorded" ] && return
   [ $name = minilm ] || length=$luna_length
-  python scripts/finetune_glue.py --model_name_or_path "$model" ${glue_task:+--task_name "$glue_task"} \
-    --train_file "$train" --validation_file "$dev" --do_train --do_eval --max_seq_length "$length" \
-    --per_device_train_batch_size "$batch" \
-    --learning_rate "$learning_rate" --warmup_steps 0.06 --weight_decay 0.01 --max_steps "$steps" \
+  [ -f "$output/eval_results.json" ] || python scripts/finetune_glue.py --model_name_or_path "$model" \
+    ${glue_task:+--task_name "$glue_task"} --train_file "$train" --validation_file "$dev" --do_train --do_eval \
+    --max_seq_length "$length" --per_device_train_batch_size "$batch" --learning_rate "$learning_rate" \
+    --warmup_steps 0.06 --weight_decay 0.01 --max_steps "$steps" \
     --eval_strategy no --save_strategy no --report_to none --seed "$seed" --output_dir "$output" \
     --disable_tqdm true "$@"
   python - "$task" "$seed" "$name" "$output" $((SECONDS - start)) "$steps" "$batch" "$learning_rate" "$length" \
@@ -69,6 +74,7 @@ print(json.dumps({"task": task, "seed": int(seed), "model": model, "metrics": me
                   "settings": {"finetune_steps": int(steps), "batch": int(batch), "learning_rate": float(lr),
                                "max_seq_length": int(length), "evaluated_on": dev, **transfer}}))
 EOF
+  touch "$output/recorded"  # a run that failed after its evaluation is recorded by the next call, not lost
 }
 
 transfer() {  # transfer STUDENT TEACHER OUTPUT RATE ARGS...: the attention transfer, once
