@@ -104,7 +104,7 @@ def labelled_documents(documents_file: str | None, download_dir: str) -> list[tu
     with open(documents_file, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     if not rows or any("text" not in row or "label" not in row for row in rows):
-        raise ValueError(f'{documents_file}: every line needs a "text" and a "label" (and there must be one line)')
+        raise ValueError(f'{documents_file}: every line needs a "text" and a "label", and there must be at least one')
     return [(row["text"], str(row["label"])) for row in rows]
 
 
