@@ -48,6 +48,11 @@ class TransferArguments:
         metadata={"help": "Text to imitate on: a text per line (a tab between a pair's two), or a .tsv with a header."},
     )
     text_column: str = field(default="sentence", metadata={"help": "The .tsv's or the dataset's text column."})
+    text_pair_column: str | None = field(
+        default=None,
+        metadata={"help": "A second column read with the first as a pair ([SEP] between them), as a pair task's "
+                          "model reads its inputs: e.g. --text_column question --text_pair_column sentence (QNLI)."},
+    )  # fmt: skip
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` name instead of --train_file."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
     dataset_split: str = field(default="train", metadata={"help": "The dataset's split."})
@@ -70,19 +75,28 @@ class TransferArguments:
     )
 
 
-def read_texts(args: TransferArguments) -> list[str]:
-    if (args.train_file is None) == (args.dataset_name is None):
-        raise ValueError("Pass exactly one of --train_file and --dataset_name.")
+def read_columns(args: TransferArguments, names: list[str]) -> list[list[str]]:
+    """The named columns of the dataset or of the .tsv (its first line a header)."""
     if args.dataset_name is not None:
         split = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
-        texts = list(split[args.text_column])
-    elif args.train_file.endswith(".tsv"):
-        lines = Path(args.train_file).read_text(encoding="utf-8").splitlines()
-        header = lines[0].split("\t") if lines else []
-        if args.text_column not in header:
-            raise ValueError(f"{args.train_file} has no column {args.text_column!r}; its columns: {header}.")
-        column = header.index(args.text_column)
-        texts = [line.split("\t")[column] for line in lines[1:] if line.strip()]
+        return [list(split[name]) for name in names]
+    lines = Path(args.train_file).read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t") if lines else []
+    for name in names:
+        if name not in header:
+            raise ValueError(f"{args.train_file} has no column {name!r}; its columns: {header}.")
+    rows = [line.split("\t") for line in lines[1:] if line.strip()]
+    return [[row[header.index(name)] for row in rows] for name in names]
+
+
+def read_texts(args: TransferArguments) -> list[str | tuple[str, str]]:
+    if (args.train_file is None) == (args.dataset_name is None):
+        raise ValueError("Pass exactly one of --train_file and --dataset_name.")
+    if args.dataset_name is not None or args.train_file.endswith(".tsv"):
+        columns = read_columns(args, [args.text_column, *filter(None, [args.text_pair_column])])
+        texts = columns[0] if len(columns) == 1 else list(zip(*columns, strict=True))
+    elif args.text_pair_column:
+        raise ValueError("--text_pair_column reads a .tsv or a dataset; in a text file, a tab separates a pair.")
     else:  # a tab separates a pair's two texts
         lines = Path(args.train_file).read_text(encoding="utf-8").splitlines()
         texts = [tuple(line.split("\t", 1)) if "\t" in line else line for line in lines if line.strip()]

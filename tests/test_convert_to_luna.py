@@ -614,6 +614,21 @@ def test_general_text_is_cut_into_sentences_passages_and_pairs_that_the_transfer
     assert transfer_script.read_texts(arguments) == [
         tuple(line.split("\t")) if "\t" in line else line for line in lines]  # fmt: skip
 
+    # A pair task's .tsv: the two columns read as pairs, in the order given, as the finetuned model reads them.
+    rows = [(f"{WORDS[i]} ?", f"{WORDS[i + 1]} .", str(i % 2)) for i in range(5)]
+    (tmp_path / "pairs.tsv").write_text("label\tsentence\tquestion\n" + "".join(
+        f"{label}\t{sentence}\t{question}\n" for question, sentence, label in rows))  # fmt: skip
+    arguments = transfer_script.TransferArguments(
+        model_name_or_path="unused", teacher_name_or_path="unused", transferred_model_dir="unused",
+        train_file=str(tmp_path / "pairs.tsv"), text_column="question", text_pair_column="sentence")  # fmt: skip
+    assert transfer_script.read_texts(arguments) == [(question, sentence) for question, sentence, _ in rows]
+    arguments.text_pair_column = "answer"
+    with pytest.raises(ValueError, match="has no column 'answer'; its columns: \\['label', 'sentence', 'question'\\]"):
+        transfer_script.read_texts(arguments)
+    arguments.train_file = str(tmp_path / "texts.txt")
+    with pytest.raises(ValueError, match="in a text file, a tab separates a pair"):
+        transfer_script.read_texts(arguments)
+
 
 def test_too_little_text_for_the_steps_asked_is_refused_before_training(tmp_path):
     torch.manual_seed(0)
