@@ -5,10 +5,11 @@
     python scripts/glue_report.py --output benchmarks/results/glue/table.md --readme README.md
     python scripts/glue_report.py --tasks brown_genres --output benchmarks/results/glue/long_documents.md
 
-One row per task and model: the metric per seed, the mean and sample standard deviation over the seeds, the mean
-as a share of MiniLM's mean on the same task and seeds (the teacher of the GLUE rows), the attention transfer's
-steps, the tokens the model reads at most, and the seconds per document of training and of prediction (the Trainer's
-runtimes, means over the seeds; older records have no training time). QQP reports accuracy and F1 (GLUE's pair).
+One row per task and model (a post-hoc transfer on a pair task's pairs, not one column, is a row of its own): the
+metric per seed, the mean and sample standard deviation over the seeds, the mean as a share of MiniLM's mean on the
+same task and seeds (the teacher of the GLUE rows), the attention transfer's steps, the tokens the model reads at
+most, and the seconds per document of training and of prediction (the Trainer's runtimes, means over the seeds;
+older records have no training time). QQP reports accuracy and F1 (GLUE's pair).
 When a task's records were finetuned at more than one budget (steps, batch, learning rate, evaluation set), the table
 says so rather than mixing them; the attention transfer's settings and the length belong to each row's model.
 """
@@ -25,6 +26,8 @@ MODELS = {
     "minilm": "all-MiniLM-L6-v2 (softmax)",
     "learned_kernel": "MiniLM -> learned kernel (m = 64), transfer on the task, distilled",
     "nested": "MiniLM -> nested Luna (l = 16), transfer on the task, distilled",
+    "learned_kernel_pairs": "MiniLM -> learned kernel (m = 64), transfer on the task's pairs, distilled",
+    "nested_pairs": "MiniLM -> nested Luna (l = 16), transfer on the task's pairs, distilled",
     "learned_kernel_general": "MiniLM -> learned kernel (m = 64), converted once (general text)",
     "nested_general": "MiniLM -> nested Luna (l = 16), converted once (general text)",
     "learned_kernel_general-4096": "MiniLM -> learned kernel (m = 16), 4,096 positions, converted once (news)",
@@ -33,6 +36,8 @@ SHORT_NAMES = {  # the README's short table
     "minilm": "MiniLM (teacher)",
     "learned_kernel": "learned kernel, post hoc",
     "nested": "nested Luna, post hoc",
+    "learned_kernel_pairs": "learned kernel, post hoc, transfer on pairs",
+    "nested_pairs": "nested Luna, post hoc, transfer on pairs",
     "learned_kernel_general": "learned kernel, converted once",
     "nested_general": "nested Luna, converted once",
 }
@@ -65,12 +70,18 @@ def seconds_per_document(records: list[dict]) -> str:
     return " / ".join(f"{statistics.mean(times):.3f}" if times else "-" for times in (train, predict))
 
 
+def row_model(record: dict) -> str:
+    """The row a record belongs to: a post-hoc transfer that read a pair task's two columns has its own."""
+    pairs = len(record["settings"].get("transfer_columns", [])) == 2
+    return record["model"] + ("_pairs" if pairs else "")
+
+
 def table(records: list[dict], tasks: list[str]) -> str:
     """The markdown table: per task, per model, per metric."""
     results = defaultdict(dict)  # (task, model) -> {seed: record}
     settings = defaultdict(set)
     for record in records:
-        results[record["task"], record["model"]][record["seed"]] = record
+        results[record["task"], row_model(record)][record["seed"]] = record
         settings[record["task"]].add(tuple(record["settings"].get(key) for key in BUDGET))
     lines = ["| task | model | metric | per seed (%) | mean ± sd (%) | of MiniLM | transfer steps | max length "
              "| s per document, train / predict |", "|---|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip

@@ -4,8 +4,9 @@
 #
 #   bash scripts/glue_runs.sh qnli 42 outputs/glue path/to/all-MiniLM-L6-v2
 #     post hoc: MiniLM is finetuned (the teacher); the finetuned model is converted to the learned kernel (m = 64)
-#     and to nested Luna (l = 16), their new attention transferred on the task's training texts (200 steps of 16),
-#     then finetuned with the teacher's budget while distilling its predictions.
+#     and to nested Luna (l = 16), their new attention transferred on the task's training texts (200 steps of 16;
+#     a pair task's one column, or TRANSFER_COLUMNS="question sentence" for the pairs), then finetuned with the
+#     teacher's budget while distilling its predictions.
 #   bash scripts/glue_runs.sh qnli 42 outputs/glue path/to/all-MiniLM-L6-v2 data/corpus/train.txt
 #     convert once: MiniLM itself is converted and its attention transferred once per seed on general text (the
 #     corpus's documents cut into sentences, passages and pairs; 1,200 steps of 16, kept in OUTPUT/general-seedS and
@@ -29,13 +30,14 @@ glue=${GLUE_DIR:-../shared/data/glue}
 attentions=${ATTENTIONS-learned_kernel nested}
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-case $task in  # the training subset, the evaluation set, the length, the texts the post-hoc transfer reads
-  sst2) train=$glue/sst2/train.tsv dev=$glue/sst2/dev.tsv length=64 texts=sentence ;;
-  qnli) train=$glue/qnli/train_subset.tsv dev=$glue/qnli/dev.tsv length=128 texts=sentence ;;
-  qqp) train=$glue/qqp/train_subset.tsv dev=$glue/qqp/heldout_subset.tsv length=64 texts=question1 ;;
+case $task in  # the training subset, the evaluation set, the length, the column(s) the post-hoc transfer reads
+  sst2) train=$glue/sst2/train.tsv dev=$glue/sst2/dev.tsv length=64 columns=sentence ;;
+  qnli) train=$glue/qnli/train_subset.tsv dev=$glue/qnli/dev.tsv length=128 columns=sentence ;;
+  qqp) train=$glue/qqp/train_subset.tsv dev=$glue/qqp/heldout_subset.tsv length=64 columns=question1 ;;
   brown_genres) train=${LONG_DIR:-data/brown-genres}/train.jsonl dev=${LONG_DIR:-data/brown-genres}/test.jsonl ;;
   *) echo "unknown task $task (sst2, qnli, qqp, brown_genres)" >&2; exit 2 ;;
 esac
+read -ra columns <<< "${TRANSFER_COLUMNS:-${columns:-}}"
 steps=300 batch=32 learning_rate=1e-4 luna_length=${length:-} long="" glue_task=$task
 if [ -n "$corpus" ]; then transfer_steps=${TRANSFER_STEPS:-1200} route=general
 else transfer_steps=${TRANSFER_STEPS:-200} route=posthoc; fi
@@ -65,11 +67,14 @@ finetune() {  # finetune NAME MODEL OUTPUT START [--teacher_name_or_path TEACHER
     --eval_strategy no --save_strategy no --report_to none --seed "$seed" --output_dir "$output" \
     --disable_tqdm true "$@"
   python - "$task" "$seed" "$name" "$output" $((SECONDS - start)) "$steps" "$batch" "$learning_rate" "$length" \
-    "$dev" "$route" "${transfer_steps:-0}" "${corpus:-$train}" >> "benchmarks/results/glue/$task.jsonl" <<'EOF'
+    "$dev" "$route" "${transfer_steps:-0}" "${corpus:-$train}" "${columns[*]:-}" \
+    >> "benchmarks/results/glue/$task.jsonl" <<'EOF'
 import json, sys
-task, seed, model, folder, seconds, steps, batch, lr, length, dev, route, transfer, texts = sys.argv[1:]
+task, seed, model, folder, seconds, steps, batch, lr, length, dev, route, transfer, texts, columns = sys.argv[1:]
 metrics = json.load(open(f"{folder}/all_results.json"))
 transfer = {} if model == "minilm" else {"route": route, "transfer_steps": int(transfer), "transferred_on": texts}
+if transfer and route == "posthoc":  # the task's column(s) the transfer read: two are read as the model reads a pair
+    transfer["transfer_columns"] = columns.split()
 print(json.dumps({"task": task, "seed": int(seed), "model": model, "metrics": metrics, "wall_seconds": int(seconds),
                   "settings": {"finetune_steps": int(steps), "batch": int(batch), "learning_rate": float(lr),
                                "max_seq_length": int(length), "evaluated_on": dev, **transfer}}))
@@ -100,9 +105,12 @@ for attention in $attentions; do
   [ $attention = nested ] && rate=1e-3
   if [ $route = posthoc ]; then
     convert "$run/teacher" "$run/$attention" $attention
-    transfer "$run/$attention" "$run/teacher" "$run/$attention-attn" $rate --train_file "$train" --text_column $texts \
+    pairs=${columns[1]:+-pairs}  # a transfer on the pairs has its own folders
+    transfer "$run/$attention" "$run/teacher" "$run/$attention-attn$pairs" $rate --train_file "$train" \
+      --text_column "${columns[0]}" ${columns[1]:+--text_pair_column "${columns[1]}"} \
       --max_samples $((16 * transfer_steps)) --max_length "$length"
-    finetune $attention "$run/$attention-attn" "$run/$attention-distilled" $start --teacher_name_or_path "$run/teacher"
+    finetune $attention "$run/$attention-attn$pairs" "$run/$attention-distilled$pairs" $start \
+      --teacher_name_or_path "$run/teacher"
   else  # the shared transfer's time is not in the task's row (its log has it): a user pays it once
     general=$out/general-seed$seed
     [ -n "$long" ] && general=$out/long-documents seed=0  # converted and transferred once, for every seed

@@ -43,6 +43,22 @@ def test_means_spreads_and_shares_of_the_teacher(tmp_path):
     assert (tmp_path / "table.md").read_text() == text
 
 
+def test_a_transfer_on_the_pairs_is_a_row_of_its_own(tmp_path):
+    """A pair task's post-hoc transfer on one column and on both: two rows, each with its own seeds and share."""
+    write(tmp_path, "qnli", [("minilm", 42, {"eval_accuracy": 0.80}), ("minilm", 0, {"eval_accuracy": 0.84})])
+    write(tmp_path, "qnli", [("learned_kernel", 42, {"eval_accuracy": 0.72}), ("learned_kernel", 0,
+          {"eval_accuracy": 0.74})], route="posthoc", transfer_columns=["sentence"])  # fmt: skip
+    write(tmp_path, "qnli", [("learned_kernel", 42, {"eval_accuracy": 0.70})], route="posthoc",
+          transfer_columns=["question", "sentence"])  # fmt: skip
+    text = glue_report.main(["--records", str(tmp_path)])
+    rows = {line.split("|")[2].strip(): line for line in text.splitlines()[2:]}
+    column, pairs = rows[glue_report.MODELS["learned_kernel"]], rows[glue_report.MODELS["learned_kernel_pairs"]]
+    assert "0: 74.00, 42: 72.00" in column and "73.00 ± 1.41" in column
+    assert f"{100 * 0.73 / 0.82:.1f}%" in column
+    assert "42: 70.00 | 70.00 |" in pairs and f"{100 * 0.70 / 0.80:.1f}%" in pairs  # the teacher's seed 42 only
+    assert len(rows) == 3 and "mix" not in text
+
+
 def test_long_documents_rows_read_their_own_length_and_report_seconds_per_document(tmp_path):
     """The long-document task: MiniLM reads 512 tokens and the converted model 4,096 at one budget (not a mix); the
     seconds per document are the Trainer's runtimes over the documents seen, averaged over the seeds."""
