@@ -5,8 +5,8 @@
 #   bash scripts/glue_runs.sh qnli 42 outputs/glue path/to/all-MiniLM-L6-v2
 #     post hoc: MiniLM is finetuned (the teacher); the finetuned model is converted to the learned kernel (m = 64)
 #     and to nested Luna (l = 16), their new attention transferred on the task's training texts (200 steps of 16;
-#     a pair task's one column, or TRANSFER_COLUMNS="question sentence" for the pairs), then finetuned with the
-#     teacher's budget while distilling its predictions.
+#     a pair task's pairs, read as the model reads them, or one column: TRANSFER_COLUMNS=sentence), then finetuned
+#     with the teacher's budget while distilling its predictions.
 #   bash scripts/glue_runs.sh qnli 42 outputs/glue path/to/all-MiniLM-L6-v2 data/corpus/train.txt
 #     convert once: MiniLM itself is converted and its attention transferred once per seed on general text (the
 #     corpus's documents cut into sentences, passages and pairs; 1,200 steps of 16, kept in OUTPUT/general-seedS and
@@ -32,8 +32,8 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 case $task in  # the training subset, the evaluation set, the length, the column(s) the post-hoc transfer reads
   sst2) train=$glue/sst2/train.tsv dev=$glue/sst2/dev.tsv length=64 columns=sentence ;;
-  qnli) train=$glue/qnli/train_subset.tsv dev=$glue/qnli/dev.tsv length=128 columns=sentence ;;
-  qqp) train=$glue/qqp/train_subset.tsv dev=$glue/qqp/heldout_subset.tsv length=64 columns=question1 ;;
+  qnli) train=$glue/qnli/train_subset.tsv dev=$glue/qnli/dev.tsv length=128 columns="question sentence" ;;
+  qqp) train=$glue/qqp/train_subset.tsv dev=$glue/qqp/heldout_subset.tsv length=64 columns="question1 question2" ;;
   brown_genres) train=${LONG_DIR:-data/brown-genres}/train.jsonl dev=${LONG_DIR:-data/brown-genres}/test.jsonl ;;
   *) echo "unknown task $task (sst2, qnli, qqp, brown_genres)" >&2; exit 2 ;;
 esac

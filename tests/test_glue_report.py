@@ -22,10 +22,12 @@ def write(folder: Path, task: str, rows: list[tuple], **transfer) -> None:
 
 
 def test_means_spreads_and_shares_of_the_teacher(tmp_path):
-    write(tmp_path, "qnli", [("minilm", 42, {"eval_accuracy": 0.80}), ("minilm", 0, {"eval_accuracy": 0.84}),
-                             ("nested", 42, {"eval_accuracy": 0.76}), ("nested", 0, {"eval_accuracy": 0.80})])
-    write(tmp_path, "qqp", [("minilm", 42, {"eval_accuracy": 0.75, "eval_f1": 0.70}),
-                            ("learned_kernel", 42, {"eval_accuracy": 0.72, "eval_f1": 0.63})])  # fmt: skip
+    write(tmp_path, "qnli", [("minilm", 42, {"eval_accuracy": 0.80}), ("minilm", 0, {"eval_accuracy": 0.84})])
+    write(tmp_path, "qnli", [("nested", 42, {"eval_accuracy": 0.76}), ("nested", 0, {"eval_accuracy": 0.80})],
+          transfer_columns=["question", "sentence"])  # fmt: skip
+    write(tmp_path, "qqp", [("minilm", 42, {"eval_accuracy": 0.75, "eval_f1": 0.70})])
+    write(tmp_path, "qqp", [("learned_kernel", 42, {"eval_accuracy": 0.72, "eval_f1": 0.63})],
+          transfer_columns=["question1", "question2"])  # fmt: skip
     # The convert-once rows were transferred otherwise but finetuned at the same budget: one table, not flagged.
     write(tmp_path, "qqp", [("nested_general", 42, {"eval_accuracy": 0.69, "eval_f1": 0.56})], route="general",
           transfer_steps=1200)  # fmt: skip
@@ -43,20 +45,24 @@ def test_means_spreads_and_shares_of_the_teacher(tmp_path):
     assert (tmp_path / "table.md").read_text() == text
 
 
-def test_a_transfer_on_the_pairs_is_a_row_of_its_own(tmp_path):
-    """A pair task's post-hoc transfer on one column and on both: two rows, each with its own seeds and share."""
+def test_a_pair_task_transferred_on_one_column_is_a_row_of_its_own(tmp_path):
+    """A pair task's post-hoc transfer on the pairs and on one column (or a record that does not say: older ones
+    read one): two rows, each with its own seeds and share. SST-2's one column is its task's whole input."""
     write(tmp_path, "qnli", [("minilm", 42, {"eval_accuracy": 0.80}), ("minilm", 0, {"eval_accuracy": 0.84})])
     write(tmp_path, "qnli", [("learned_kernel", 42, {"eval_accuracy": 0.72}), ("learned_kernel", 0,
-          {"eval_accuracy": 0.74})], route="posthoc", transfer_columns=["sentence"])  # fmt: skip
-    write(tmp_path, "qnli", [("learned_kernel", 42, {"eval_accuracy": 0.70})], route="posthoc",
-          transfer_columns=["question", "sentence"])  # fmt: skip
+          {"eval_accuracy": 0.74})], route="posthoc", transfer_columns=["question", "sentence"])  # fmt: skip
+    write(tmp_path, "qnli", [("learned_kernel", 42, {"eval_accuracy": 0.70})])
+    write(tmp_path, "sst2", [("minilm", 0, {"eval_accuracy": 0.86}), ("nested", 0, {"eval_accuracy": 0.82})],
+          transfer_columns=["sentence"])  # fmt: skip
     text = glue_report.main(["--records", str(tmp_path)])
-    rows = {line.split("|")[2].strip(): line for line in text.splitlines()[2:]}
-    column, pairs = rows[glue_report.MODELS["learned_kernel"]], rows[glue_report.MODELS["learned_kernel_pairs"]]
-    assert "0: 74.00, 42: 72.00" in column and "73.00 ± 1.41" in column
-    assert f"{100 * 0.73 / 0.82:.1f}%" in column
-    assert "42: 70.00 | 70.00 |" in pairs and f"{100 * 0.70 / 0.80:.1f}%" in pairs  # the teacher's seed 42 only
-    assert len(rows) == 3 and "mix" not in text
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in text.splitlines()[2:]}
+    pairs, column = rows["qnli", glue_report.MODELS["learned_kernel"]], rows["qnli", glue_report.MODELS[
+        "learned_kernel_one_column"]]  # fmt: skip
+    assert "0: 74.00, 42: 72.00" in pairs and "73.00 ± 1.41" in pairs and f"{100 * 0.73 / 0.82:.1f}%" in pairs
+    assert "42: 70.00 | 70.00 |" in column and f"{100 * 0.70 / 0.80:.1f}%" in column  # the teacher's seed 42 only
+    assert ("sst2", glue_report.MODELS["nested"]) in rows and len(rows) == 5 and "mix" not in text
+    readme = glue_report.short_table(text)
+    assert "qnli | learned kernel, post hoc | 73.00 ± 1.41" in readme and "70.00" not in readme
 
 
 def test_long_documents_rows_read_their_own_length_and_report_seconds_per_document(tmp_path):
