@@ -5,8 +5,8 @@
 #   bash scripts/glue_runs.sh qnli 42 outputs/glue path/to/all-MiniLM-L6-v2
 #     post hoc: MiniLM is finetuned (the teacher); the finetuned model is converted to the learned kernel (m = 64)
 #     and to nested Luna (l = 16), their new attention transferred on the task's training texts (200 steps of 16;
-#     a pair task's pairs, read as the model reads them, or one column: TRANSFER_COLUMNS=sentence), then finetuned
-#     with the teacher's budget while distilling its predictions.
+#     a pair task's pairs, read as the model reads them, or one of its columns: TRANSFER_COLUMNS=sentence for QNLI,
+#     question1 for QQP), then finetuned with the teacher's budget while distilling its predictions.
 #   bash scripts/glue_runs.sh qnli 42 outputs/glue path/to/all-MiniLM-L6-v2 data/corpus/train.txt
 #     convert once: MiniLM itself is converted and its attention transferred once per seed on general text (the
 #     corpus's documents cut into sentences, passages and pairs; 1,200 steps of 16, kept in OUTPUT/general-seedS and
@@ -37,7 +37,12 @@ case $task in  # the training subset, the evaluation set, the length, the column
   brown_genres) train=${LONG_DIR:-data/brown-genres}/train.jsonl dev=${LONG_DIR:-data/brown-genres}/test.jsonl ;;
   *) echo "unknown task $task (sst2, qnli, qqp, brown_genres)" >&2; exit 2 ;;
 esac
-read -ra columns <<< "${TRANSFER_COLUMNS:-${columns:-}}"
+pair=${columns:-}
+read -ra columns <<< "${TRANSFER_COLUMNS:-$pair}"
+if [ -n "${TRANSFER_COLUMNS:-}" ] && [ "${columns[*]}" != "$pair" ]; then  # one of the task's columns, checked now
+  [ ${#columns[@]} = 1 ] && head -n 1 "$train" | tr '\t' '\n' | grep -qxF "${columns[0]}" || {
+    echo "TRANSFER_COLUMNS must be one column of $train or the task's pair in its order ($pair)" >&2; exit 2; }
+fi
 steps=300 batch=32 learning_rate=1e-4 luna_length=${length:-} long="" glue_task=$task
 if [ -n "$corpus" ]; then transfer_steps=${TRANSFER_STEPS:-1200} route=general
 else transfer_steps=${TRANSFER_STEPS:-200} route=posthoc; fi
@@ -105,11 +110,11 @@ for attention in $attentions; do
   [ $attention = nested ] && rate=1e-3
   if [ $route = posthoc ]; then
     convert "$run/teacher" "$run/$attention" $attention
-    pairs=${columns[1]:+-pairs}  # a transfer on the pairs has its own folders
-    transfer "$run/$attention" "$run/teacher" "$run/$attention-attn$pairs" $rate --train_file "$train" \
+    on=${columns[*]}  # a transfer on other columns has its own folders
+    transfer "$run/$attention" "$run/teacher" "$run/$attention-attn-on-${on// /-}" $rate --train_file "$train" \
       --text_column "${columns[0]}" ${columns[1]:+--text_pair_column "${columns[1]}"} \
       --max_samples $((16 * transfer_steps)) --max_length "$length"
-    finetune $attention "$run/$attention-attn$pairs" "$run/$attention-distilled$pairs" $start \
+    finetune $attention "$run/$attention-attn-on-${on// /-}" "$run/$attention-distilled-on-${on// /-}" $start \
       --teacher_name_or_path "$run/teacher"
   else  # the shared transfer's time is not in the task's row (its log has it): a user pays it once
     general=$out/general-seed$seed

@@ -79,12 +79,15 @@ def read_columns(args: TransferArguments, names: list[str]) -> list[list[str]]:
     """The named columns of the dataset or of the .tsv (its first line a header)."""
     if args.dataset_name is not None:
         split = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
-        return [list(split[name]) for name in names]
-    lines = Path(args.train_file).read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t") if lines else []
+        source, header = args.dataset_name, split.column_names
+    else:
+        lines = Path(args.train_file).read_text(encoding="utf-8").splitlines()
+        source, header = args.train_file, lines[0].split("\t") if lines else []
     for name in names:
         if name not in header:
-            raise ValueError(f"{args.train_file} has no column {name!r}; its columns: {header}.")
+            raise ValueError(f"{source} has no column {name!r}; its columns: {header}.")
+    if args.dataset_name is not None:
+        return [list(split[name]) for name in names]
     rows = [line.split("\t") for line in lines[1:] if line.strip()]
     return [[row[header.index(name)] for row in rows] for name in names]
 
@@ -92,6 +95,8 @@ def read_columns(args: TransferArguments, names: list[str]) -> list[list[str]]:
 def read_texts(args: TransferArguments) -> list[str | tuple[str, str]]:
     if (args.train_file is None) == (args.dataset_name is None):
         raise ValueError("Pass exactly one of --train_file and --dataset_name.")
+    if args.passages and args.text_pair_column:
+        raise ValueError("--passages cuts documents into passages and pairs of its own: drop --text_pair_column.")
     if args.dataset_name is not None or args.train_file.endswith(".tsv"):
         columns = read_columns(args, [args.text_column, *filter(None, [args.text_pair_column])])
         texts = columns[0] if len(columns) == 1 else list(zip(*columns, strict=True))

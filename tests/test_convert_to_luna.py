@@ -625,7 +625,10 @@ def test_general_text_is_cut_into_sentences_passages_and_pairs_that_the_transfer
     arguments.text_pair_column = "answer"
     with pytest.raises(ValueError, match="has no column 'answer'; its columns: \\['label', 'sentence', 'question'\\]"):
         transfer_script.read_texts(arguments)
-    arguments.train_file = str(tmp_path / "texts.txt")
+    arguments.text_pair_column, arguments.passages = "sentence", True
+    with pytest.raises(ValueError, match="--passages cuts documents into passages and pairs of its own"):
+        transfer_script.read_texts(arguments)
+    arguments.train_file, arguments.passages = str(tmp_path / "texts.txt"), False
     with pytest.raises(ValueError, match="in a text file, a tab separates a pair"):
         transfer_script.read_texts(arguments)
 
