@@ -110,11 +110,11 @@ for attention in $attentions; do
   [ $attention = nested ] && rate=1e-3
   if [ $route = posthoc ]; then
     convert "$run/teacher" "$run/$attention" $attention
-    on=${columns[*]}  # a transfer on other columns has its own folders
-    transfer "$run/$attention" "$run/teacher" "$run/$attention-attn-on-${on// /-}" $rate --train_file "$train" \
+    on=${columns[*]} && on=-on-${on// /-}  # a transfer on other columns has its own folders
+    transfer "$run/$attention" "$run/teacher" "$run/$attention-attn$on" $rate --train_file "$train" \
       --text_column "${columns[0]}" ${columns[1]:+--text_pair_column "${columns[1]}"} \
       --max_samples $((16 * transfer_steps)) --max_length "$length"
-    finetune $attention "$run/$attention-attn-on-${on// /-}" "$run/$attention-distilled-on-${on// /-}" $start \
+    finetune $attention "$run/$attention-attn$on" "$run/$attention-distilled$on" $start \
       --teacher_name_or_path "$run/teacher"
   else  # the shared transfer's time is not in the task's row (its log has it): a user pays it once
     general=$out/general-seed$seed
