@@ -21,12 +21,13 @@
 #
 # ATTENTIONS="learned_kernel" (default "learned_kernel nested") picks the converted models; ATTENTIONS="" trains the
 # teacher only. TRANSFER_STEPS overrides the transfer's steps (a transferred folder already there is reused: delete
-# it to transfer again). Each model's dev result is appended to benchmarks/results/glue/<task>.jsonl (settings, seed,
-# metrics, wall time) once (OUTPUT/.../recorded marks it); scripts/glue_report.py makes the table. One torch thread
+# it to transfer again). Each model's dev result is appended to RECORDS/<task>.jsonl (RECORDS defaults to
+# benchmarks/results/glue: the table's; another folder keeps a side experiment's records apart) with its settings,
+# seed, metrics and wall time, once (OUTPUT/.../recorded marks it); scripts/glue_report.py makes the table. One torch thread
 # per run. A finished step is skipped when the command is run again.
 set -euo pipefail
 task=$1 seed=$2 out=$3 minilm=$4 corpus=${5:-}
-glue=${GLUE_DIR:-../shared/data/glue}
+glue=${GLUE_DIR:-../shared/data/glue} records=${RECORDS:-benchmarks/results/glue}
 attentions=${ATTENTIONS-learned_kernel nested}
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
@@ -58,7 +59,7 @@ if [ $task = brown_genres ]; then  # the converted model reads the whole documen
   transfer_batch=8 transfer_length=256 transfer_texts=() long=-4096 attentions=${ATTENTIONS-learned_kernel} glue_task=""
 fi
 run=$out/$task-seed$seed
-mkdir -p "$run" benchmarks/results/glue
+mkdir -p "$run" "$records"
 
 finetune() {  # finetune NAME MODEL OUTPUT START [--teacher_name_or_path TEACHER]: train, evaluate, record once
   local name=$1 model=$2 output=$3 start=$4 length=$length
@@ -73,7 +74,7 @@ finetune() {  # finetune NAME MODEL OUTPUT START [--teacher_name_or_path TEACHER
     --disable_tqdm true "$@"
   python - "$task" "$seed" "$name" "$output" $((SECONDS - start)) "$steps" "$batch" "$learning_rate" "$length" \
     "$dev" "$route" "${transfer_steps:-0}" "${corpus:-$train}" "${columns[*]:-}" \
-    >> "benchmarks/results/glue/$task.jsonl" <<'EOF'
+    >> "$records/$task.jsonl" <<'EOF'
 import json, sys
 task, seed, model, folder, seconds, steps, batch, lr, length, dev, route, transfer, texts, columns = sys.argv[1:]
 metrics = json.load(open(f"{folder}/all_results.json"))
