@@ -20,7 +20,8 @@
 #     the 350 documents, batch 4).
 #
 # ATTENTIONS="learned_kernel" (default "learned_kernel nested") picks the converted models; ATTENTIONS="" trains the
-# teacher only. TRANSFER_STEPS overrides the transfer's steps (a transferred folder already there is reused: delete
+# teacher only. PROJECTED_LENGTH sets nested Luna's l (default 16; another l has folders of its own and
+# is in the records' settings). TRANSFER_STEPS overrides the transfer's steps (a transferred folder already there is reused: delete
 # it to transfer again). Each model's dev result is appended to RECORDS/<task>.jsonl (RECORDS defaults to
 # benchmarks/results/glue: the table's; another folder keeps a side experiment's records apart) with its settings,
 # seed, metrics and wall time, once (OUTPUT/.../recorded marks it); scripts/glue_report.py makes the table. One torch thread
@@ -28,7 +29,7 @@
 set -euo pipefail
 task=$1 seed=$2 out=$3 minilm=$4 corpus=${5:-}
 glue=${GLUE_DIR:-../shared/data/glue} records=${RECORDS:-benchmarks/results/glue}
-attentions=${ATTENTIONS-learned_kernel nested}
+attentions=${ATTENTIONS-learned_kernel nested} projected_length=${PROJECTED_LENGTH:-16}
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 case $task in  # the training subset, the evaluation set, the length, the column(s) the post-hoc transfer reads
@@ -79,6 +80,10 @@ import json, sys
 task, seed, model, folder, seconds, steps, batch, lr, length, dev, route, transfer, texts, columns = sys.argv[1:]
 metrics = json.load(open(f"{folder}/all_results.json"))
 transfer = {} if model == "minilm" else {"route": route, "transfer_steps": int(transfer), "transferred_on": texts}
+config = json.load(open(f"{folder}/config.json"))  # the converted attention's size, as the model has it
+size = {"nested": "projected_length", "learned_kernel": "kernel_num_projections"}.get(config.get("attention_type"))
+if size and transfer:
+    transfer[size] = config[size]
 if transfer and route == "posthoc":  # the task's column(s) the transfer read: two are read as the model reads a pair
     transfer["transfer_columns"] = columns.split()
 print(json.dumps({"task": task, "seed": int(seed), "model": model, "metrics": metrics, "wall_seconds": int(seconds),
@@ -99,7 +104,7 @@ transfer() {  # transfer STUDENT TEACHER OUTPUT RATE ARGS...: the attention tran
 
 convert() {  # convert SOURCE OUTPUT ATTENTION
   local shape=(--kernel_num_projections 64)
-  [ "$3" = nested ] && shape=(--projected_length 16)
+  [ "$3" = nested ] && shape=(--projected_length "$projected_length")
   [ -n "$long" ] && shape=(--max_position_embeddings 4096)  # the learned kernel's default m = 16
   [ -d "$2" ] || python scripts/convert_to_luna.py --model_name_or_path "$1" --output_dir "$2" --attention "$3" \
     "${shape[@]}" --seed "$seed"
@@ -109,21 +114,23 @@ finetune minilm "$minilm" "$run/teacher" $SECONDS
 for attention in $attentions; do
   start=$SECONDS rate=1e-2
   [ $attention = nested ] && rate=1e-3
+  folder=$attention  # another l than 16 has folders of its own
+  [ $attention = nested ] && [ "$projected_length" != 16 ] && folder=nested-l$projected_length
   if [ $route = posthoc ]; then
-    convert "$run/teacher" "$run/$attention" $attention
+    convert "$run/teacher" "$run/$folder" $attention
     on=${columns[*]} && on=-on-${on// /-}  # a transfer on other columns has its own folders
-    transfer "$run/$attention" "$run/teacher" "$run/$attention-attn$on" $rate --train_file "$train" \
+    transfer "$run/$folder" "$run/teacher" "$run/$folder-attn$on" $rate --train_file "$train" \
       --text_column "${columns[0]}" ${columns[1]:+--text_pair_column "${columns[1]}"} \
       --max_samples $((16 * transfer_steps)) --max_length "$length"
-    finetune $attention "$run/$attention-attn$on" "$run/$attention-distilled$on" $start \
+    finetune $attention "$run/$folder-attn$on" "$run/$folder-distilled$on" $start \
       --teacher_name_or_path "$run/teacher"
   else  # the shared transfer's time is not in the task's row (its log has it): a user pays it once
     general=$out/general-seed$seed
     [ -n "$long" ] && general=$out/long-documents seed=0  # converted and transferred once, for every seed
-    convert "$minilm" "$general/$attention$long" $attention
-    transfer "$general/$attention$long" "$minilm" "$general/$attention$long-attn" $rate --train_file "$corpus" \
+    convert "$minilm" "$general/$folder$long" $attention
+    transfer "$general/$folder$long" "$minilm" "$general/$folder$long-attn" $rate --train_file "$corpus" \
       "${transfer_texts[@]}" --max_length $transfer_length
     seed=$2 start=$SECONDS
-    finetune "${attention}_general$long" "$general/$attention$long-attn" "$run/$attention-general$long" $start
+    finetune "${attention}_general$long" "$general/$folder$long-attn" "$run/$folder-general$long" $start
   fi
 done
