@@ -16,6 +16,7 @@ says so rather than mixing them; the attention transfer's settings and the lengt
 
 import argparse
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -45,6 +46,7 @@ PAIR_TASKS = ("qnli", "qqp")
 POST_HOC = ("learned_kernel", "nested")
 BUDGET = ("finetune_steps", "batch", "learning_rate", "evaluated_on")
 TEACHER = "minilm"
+SIZES = {"projected_length": "l", "kernel_num_projections": "m"}  # the settings' attention size, its symbol
 
 
 def read_records(folder: Path) -> list[dict]:
@@ -78,6 +80,22 @@ def row_model(record: dict) -> str:
     return record["model"] + ("_one_column" if post_hoc_pairs and one_column else "")
 
 
+def model_label(model: str, records: list[dict]) -> str:
+    """The row's model name with the attention size its records carry (older records do not: the name's own). Records
+    of two sizes in one row show both, as two transfer budgets do."""
+    label = MODELS[model]
+    for key, symbol in SIZES.items():
+        sizes = sorted({record["settings"][key] for record in records if key in record["settings"]})
+        if sizes:
+            label = re.sub(rf"\({symbol} = \d+\)", f"({symbol} = {', '.join(map(str, sizes))})", label)
+    return label
+
+
+def unsized(label: str) -> str:
+    """A model name without its attention size: how the README's table finds a row's model."""
+    return re.sub(r"\(([lm]) = [\d, ]+\)", r"(\1)", label)
+
+
 def table(records: list[dict], tasks: list[str]) -> str:
     """The markdown table: per task, per model, per metric."""
     results = defaultdict(dict)  # (task, model) -> {seed: record}
@@ -103,8 +121,8 @@ def table(records: list[dict], tasks: list[str]) -> str:
                     ours = statistics.mean(by_seed[seed][metric] for seed in shared)
                     share = f"{100 * ours / statistics.mean(teacher[seed][metric] for seed in shared):.1f}%"
                 per_seed = ", ".join(f"{seed}: {100 * value:.2f}" for seed, value in zip(seeds, values, strict=True))
-                cells = [task, MODELS[model], metric.removeprefix("eval_"), per_seed, summary(values), share, steps,
-                         length, seconds_per_document(kept)]  # fmt: skip
+                cells = [task, model_label(model, kept), metric.removeprefix("eval_"), per_seed, summary(values), share,
+                         steps, length, seconds_per_document(kept)]  # fmt: skip
                 lines.append("| " + " | ".join(cells) + " |")
         if len(settings[task]) > 1:
             lines.append(f"| {task} | **the records mix {len(settings[task])} budgets** | | | | | | | |")
@@ -114,12 +132,13 @@ def table(records: list[dict], tasks: list[str]) -> str:
 def short_table(full_table: str) -> str:
     """The README's table from the full one: each task's first metric, mean ± sd, share and seed count."""
     lines = ["| task | model | accuracy % | of MiniLM | seeds |", "|---|---|---:|---:|---:|"]
-    names = {name: key for key, name in MODELS.items()}
+    names = {unsized(name): key for key, name in MODELS.items()}
     for line in full_table.splitlines()[2:]:
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
-        if cells[1] in names and names[cells[1]] in SHORT_NAMES and cells[2] == "accuracy":
+        model = names.get(unsized(cells[1]))
+        if model in SHORT_NAMES and cells[2] == "accuracy":
             seeds = len(cells[3].split(","))
-            lines.append(f"| {cells[0]} | {SHORT_NAMES[names[cells[1]]]} | {cells[4]} | {cells[5]} | {seeds} |")
+            lines.append(f"| {cells[0]} | {SHORT_NAMES[model]} | {cells[4]} | {cells[5]} | {seeds} |")
     return "\n".join(lines) + "\n"
 
 

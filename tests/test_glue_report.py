@@ -65,6 +65,30 @@ def test_a_pair_task_transferred_on_one_column_is_a_row_of_its_own(tmp_path):
     assert "qnli | learned kernel, post hoc | 73.00 ± 1.41" in readme and "70.00" not in readme
 
 
+def test_a_row_names_the_attention_size_its_records_carry(tmp_path):
+    """Records that carry nested Luna's l (or the kernel's m) name it in the row, older ones keep the name's own; two
+    sizes in one row are both shown. The README's short table still finds the rows."""
+    pairs = {"transfer_columns": ["question1", "question2"]}
+    write(tmp_path, "qqp", [("minilm", 42, {"eval_accuracy": 0.80, "eval_f1": 0.75})])
+    write(tmp_path, "qqp", [("nested", 42, {"eval_accuracy": 0.78, "eval_f1": 0.70})], projected_length=64, **pairs)
+    write(tmp_path, "qqp", [("learned_kernel", 42, {"eval_accuracy": 0.79, "eval_f1": 0.74})],
+          kernel_num_projections=64, **pairs)  # fmt: skip
+    write(tmp_path, "qqp", [("learned_kernel", 0, {"eval_accuracy": 0.77, "eval_f1": 0.72})],
+          kernel_num_projections=32, **pairs)  # fmt: skip
+    write(tmp_path, "qqp", [("nested_general", 42, {"eval_accuracy": 0.70, "eval_f1": 0.60})], route="general")
+    text = glue_report.main(["--records", str(tmp_path)])
+    names = {line.split("|")[2].strip() for line in text.splitlines()[2:]}
+    assert "MiniLM -> nested Luna (l = 64), transfer on the task, distilled" in names
+    assert "MiniLM -> learned kernel (m = 32, 64), transfer on the task, distilled" in names
+    assert glue_report.MODELS["nested_general"] in names and "(l = 16)" in glue_report.MODELS["nested_general"]
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(glue_report.README_MARKERS))
+    glue_report.replace_readme_table(readme, text)
+    short = readme.read_text()
+    assert "| qqp | nested Luna, post hoc | 78.00 | 97.5% | 1 |" in short
+    assert "| qqp | learned kernel, post hoc | 78.00 ± 1.41 |" in short and "nested Luna, converted once" in short
+
+
 def test_long_documents_rows_read_their_own_length_and_report_seconds_per_document(tmp_path):
     """The long-document task: MiniLM reads 512 tokens and the converted model 4,096 at one budget (not a mix); the
     seconds per document are the Trainer's runtimes over the documents seen, averaged over the seeds."""
