@@ -20,12 +20,12 @@
 #     the 350 documents, batch 4).
 #
 # ATTENTIONS="learned_kernel" (default "learned_kernel nested") picks the converted models; ATTENTIONS="" trains the
-# teacher only. PROJECTED_LENGTH sets nested Luna's l (default 16; another l has folders of its own and
-# is in the records' settings). TRANSFER_STEPS overrides the transfer's steps (a transferred folder already there is reused: delete
-# it to transfer again). Each model's dev result is appended to RECORDS/<task>.jsonl (RECORDS defaults to
-# benchmarks/results/glue: the table's; another folder keeps a side experiment's records apart) with its settings,
-# seed, metrics and wall time, once (OUTPUT/.../recorded marks it); scripts/glue_report.py makes the table. One torch thread
-# per run. A finished step is skipped when the command is run again.
+# teacher only. PROJECTED_LENGTH sets nested Luna's l (default 16; another l has folders of its own, and the records
+# carry it). TRANSFER_STEPS overrides the transfer's steps (a transferred folder already there is reused: delete it,
+# or use another OUTPUT, to transfer again). Each model's dev result is appended once (OUTPUT/.../recorded marks it)
+# to RECORDS/<task>.jsonl with its settings, seed, metrics and wall time; RECORDS defaults to the table's folder,
+# benchmarks/results/glue (another keeps a side experiment's records apart); scripts/glue_report.py makes the table.
+# One torch thread per run. A finished step is skipped when the command is run again.
 set -euo pipefail
 task=$1 seed=$2 out=$3 minilm=$4 corpus=${5:-}
 glue=${GLUE_DIR:-../shared/data/glue} records=${RECORDS:-benchmarks/results/glue}
@@ -114,7 +114,7 @@ finetune minilm "$minilm" "$run/teacher" $SECONDS
 for attention in $attentions; do
   start=$SECONDS rate=1e-2
   [ $attention = nested ] && rate=1e-3
-  folder=$attention  # another l than 16 has folders of its own
+  folder=$attention
   [ $attention = nested ] && [ "$projected_length" != 16 ] && folder=nested-l$projected_length
   if [ $route = posthoc ]; then
     convert "$run/teacher" "$run/$folder" $attention
